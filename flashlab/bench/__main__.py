@@ -3,7 +3,11 @@
 import importlib
 import sys
 
-TARGETS = {"cpu": "flashlab.bench.cpu", "gpu": "flashlab.bench.gpu"}
+TARGETS = {
+    "cpu": "flashlab.bench.cpu",
+    "gpu": "flashlab.bench.gpu",
+    "memory": "flashlab.bench.memory",
+}
 
 
 def main(argv: list[str]) -> int:
