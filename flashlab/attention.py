@@ -47,12 +47,13 @@ def naive_attention(q, k, v, *, causal=False, scale=None, return_lse=False, memo
         memory.write("S", s)
         memory.read("S", s)
     m = np.max(s, axis=-1, keepdims=True) if n_k else np.full(s.shape[:-1] + (1,), -np.inf, s.dtype)
-    m_safe = np.where(np.isfinite(m), m, 0.0)  # a fully masked row: exp(-inf - 0) = 0, not nan
+    m_safe = np.where(m == -np.inf, 0.0, m)  # a row that sees no key: exp(-inf - 0) = 0, not nan
     p = np.exp(s - m_safe)
     l = np.sum(p, axis=-1, keepdims=True)  # noqa: E741 (the paper's name)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(l > 0, p / np.where(l > 0, l, 1.0), 0.0)
-        lse = np.where(l > 0, m_safe + np.log(l), -np.inf)[..., 0]
+    empty = l == 0  # no visible key; NaN input keeps l NaN, so NaN flows through to o and lse
+    with np.errstate(divide="ignore"):
+        p = np.where(empty, 0.0, p / np.where(empty, 1.0, l))
+        lse = np.where(empty, -np.inf, m_safe + np.log(l))[..., 0]
     if memory is not None:
         memory.write("P", p)
         memory.read("P", p)

@@ -1,0 +1,95 @@
+"""The project's own promises: packaging in sync, notebooks stripped, `make lab` serves the course."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flashlab import lab
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_environment_yml_names_the_same_requirements_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    named = {r for r in pip_section if not r.startswith("-e")}
+    assert named == wanted, f"only in environment.yml: {named - wanted}; only in pyproject: {wanted - named}"
+    assert "-e ." in pip_section, "environment.yml must install the project itself (-e .)"
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "notebooks/ holds no chapter"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    dirty = [
+        i
+        for i, cell in enumerate(nb["cells"])
+        if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+    assert nb["metadata"]["kernelspec"]["name"] == "flashlab", f"{path.name}: kernel must be 'flashlab'"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_lab_command_serves_the_course(tmp_path):
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {
+        **__import__("os").environ,
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+    }
+    proc = subprocess.Popen(
+        lab.command(port, open_browser=False, token=token),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/lab?token={token}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, f"JupyterLab exited: {proc.stderr.read().decode()[-2000:]}"
+                assert time.monotonic() < deadline, "JupyterLab did not answer on /lab within 90 s"
+                time.sleep(0.5)
+        assert r.status == 200 and "JupyterLab" in page
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token={token}") as r:
+            listed = {item["name"] for item in json.load(r)["content"]}
+        assert {p.name for p in NOTEBOOKS} <= listed, "the server does not serve notebooks/"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}") as r:
+            assert "flashlab" in json.load(r)["kernelspecs"], "kernel 'flashlab' is not registered"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
