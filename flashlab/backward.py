@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashlab.inputs import as_float_array, attention_inputs, causal_mask, causal_offset, check_block
+from flashlab.inputs import as_float_array, attention_inputs, causal_mask, check_block
+from flashlab.tiles import block_range, first_row_block, n_blocks, tile_mask, tile_needs_mask
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -138,16 +139,6 @@ def row_dot(do: np.ndarray, o: np.ndarray, *, block_q: int = 64, memory=None) ->
     return out
 
 
-def first_visible_block(j0: int, n_q: int, n_k: int, block_q: int) -> int:
-    """Index of the first Q block with a query that sees key ``j0`` under bottom-right causality.
-
-    Query ``i`` sees key ``j`` iff ``j <= i + N_k - N_q``, so key ``j0`` is first seen by query
-    ``j0 - (N_k - N_q)``; the tiles above it (whole Q blocks before it) are skipped: neither
-    loaded nor computed.
-    """
-    return max(0, j0 - causal_offset(n_q, n_k)) // block_q
-
-
 def flash_attention_backward(
     q, k, v, o, lse, do, *, block_q=64, block_k=64, causal=False, scale=None, memory=None
 ):
@@ -194,8 +185,8 @@ def flash_attention_backward(
     delta = row_dot(do, o, block_q=block_q, memory=memory)  # pre-pass
     dq = np.zeros_like(qq)  # line 5
     dk, dv = np.empty_like(kk), np.empty_like(vv)
-    for j0 in range(0, n_k, block_k):  # line 6
-        j1 = min(j0 + block_k, n_k)
+    for j in range(n_blocks(n_k, block_k)):  # line 6
+        j0, j1 = block_range(j, block_k, n_k)
         k_j, v_j = kk[..., j0:j1, :], vv[..., j0:j1, :]
         dk_j, dv_j = np.zeros_like(k_j), np.zeros_like(v_j)  # line 8
         if count:  # line 7, line 8
@@ -203,9 +194,9 @@ def flash_attention_backward(
             memory.read("V", v_j)
             for name, tile in (("K", k_j), ("V", v_j), ("dK", dk_j), ("dV", dv_j)):
                 memory.hold(name, tile)
-        start = first_visible_block(j0, n_q, n_k, block_q) if causal else 0
-        for i0 in range(start * block_q, n_q, block_q):  # line 9
-            i1 = min(i0 + block_q, n_q)
+        # Line 9; causal: Q blocks before the first that sees K_j are skipped (not loaded, not computed).
+        for i in range(first_row_block(j, n_q, n_k, block_q, block_k, causal), n_blocks(n_q, block_q)):
+            i0, i1 = block_range(i, block_q, n_q)
             q_i, do_i, dq_i = qq[..., i0:i1, :], do[..., i0:i1, :], dq[..., i0:i1, :]
             lse_i, d_i = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
             if count:  # line 10
@@ -213,8 +204,8 @@ def flash_attention_backward(
                     memory.read(name, tile)
                     memory.hold(name, tile)
             s = a.scale * (q_i @ np.swapaxes(k_j, -1, -2))  # line 11
-            if causal and j1 - 1 > i0 + causal_offset(n_q, n_k):  # line 12: the tile crosses the diagonal
-                s = np.where(causal_mask(n_q, n_k)[i0:i1, j0:j1], s, -np.inf)
+            if causal and tile_needs_mask(i, j, n_q, n_k, block_q, block_k):  # line 12
+                s[..., tile_mask((i0, i1), (j0, j1), n_q, n_k)] = -np.inf
             p = np.exp(s - lse_i)  # line 13 (S and P share one on-chip tile)
             dv_j += np.swapaxes(p, -1, -2) @ do_i  # line 16
             dp = do_i @ np.swapaxes(v_j, -1, -2)  # line 17
