@@ -47,7 +47,7 @@ def first_row_block(j: int, n_q: int, n_k: int, block_q: int, block_k: int, caus
     """Index of the first query block that key block ``j`` is computed with (non-causal: 0).
 
     Causal: the first row ``r`` with ``r + N_k - N_q >= j * B_c``, in blocks. Always ``<= T_r - 1``
-    for ``N_k >= 1`` (the last query sees every key), so every key block is used at least once.
+    for ``N_q >= 1`` (the last query sees every key), so every key block is used at least once.
     """
     if not causal:
         return 0
