@@ -12,10 +12,10 @@ may be ragged (shorter). ``batch`` is the number of independent (batch, head) pr
 scales by it.
 
 Causal masks are bottom-right aligned (query ``i`` sees key ``j`` iff ``j <= i + N_k - N_q``), and a
-tile ``(i, j)`` whose every entry is masked is neither loaded nor computed. Which tiles are computed is
-a closed form too: the computed rows of a key/value block ``j`` are a suffix of the query blocks,
-starting at the block holding the first query that sees key ``j * B_c``; the computed keys of a query
-block ``i`` are a prefix ending at the block holding the last key its last query sees.
+tile ``(i, j)`` whose every entry is masked is neither loaded nor computed. Which tiles are computed
+comes from the course's one tile schedule, :mod:`flashlab.tiles`: the computed query blocks of a
+key/value block are a suffix, the computed key blocks of a query block a prefix, so the sums below
+take one term per block, not one per tile.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashlab.inputs import check_block
+from flashlab.tiles import block_range, first_row_block, last_col_block, n_blocks
 
 STATS = ("l", "m", "lse", "D")  # row statistics: kept in float32 even when the matrices are 16-bit
 
@@ -101,48 +102,38 @@ def _sizes(n_q, n_k, d, d_v, batch) -> tuple[int, int, int, int, int]:
     return n_q, n_k, d, d_v, check_block("batch", batch)
 
 
-def block_sizes(n: int, block: int) -> np.ndarray:
-    """The sizes of the ``ceil(n / block)`` blocks of ``n`` rows: ``block`` each, the last one ragged."""
-    return np.minimum(block, n - block * np.arange(-(-n // block), dtype=np.int64))
+def computed_rows(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool = False) -> int:
+    """``R``: the query rows of every computed tile ``(i, j)``, summed (``T_c N_q`` without a mask).
 
-
-# --- which tiles a (causal) blocked algorithm computes ------------------------------------------
-def rows_per_kv_block(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> np.ndarray:
-    """For each key/value block ``j`` (``T_c`` of them): the number of query rows in the tiles
-    ``(i, j)`` that are computed (``N_q`` each without a mask).
-
-    Causal: the first query that sees key ``j B_c`` is ``q0 = max(0, j B_c - (N_k - N_q))``; the
-    computed query blocks start at the block holding ``q0``, so ``N_q - B_r floor(q0 / B_r)`` rows.
-    (``q0 <= N_q - 1`` always: the last query sees every key.)
+    What Algorithm 1 and Algorithm 4 load per inner step scales with it. Causal: key block ``j`` is
+    computed with the query blocks from :func:`flashlab.tiles.first_row_block` on, a suffix of
+    ``N_q - B_r first_row_block(j)`` rows.
     """
-    t_c = -(-n_k // block_k)
+    t_c = n_blocks(n_k, block_k)
     if not causal:
-        return np.full(t_c, n_q, dtype=np.int64)
-    q0 = np.maximum(0, np.arange(t_c, dtype=np.int64) * block_k - (n_k - n_q))
-    return n_q - block_q * (q0 // block_q)
+        return t_c * n_q
+    return sum(n_q - block_q * first_row_block(j, n_q, n_k, block_q, block_k, True) for j in range(t_c))
 
 
-def keys_per_q_block(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> np.ndarray:
-    """For each query block ``i`` (``T_r`` of them): the number of keys in the tiles ``(i, j)`` that are
-    computed (``N_k`` each without a mask).
+def computed_keys(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool = False) -> tuple[int, int]:
+    """``(C, live)``: the keys of every computed tile, summed (``T_r N_k`` without a mask), and the
+    query rows of the query blocks that compute at least one tile (``N_q`` without a mask).
 
-    Causal: the last query of block ``i`` is ``q1 = min((i + 1) B_r, N_q) - 1`` and sees keys up to
-    ``k1 = q1 + N_k - N_q``; the computed key blocks end at the block holding ``k1``, so
-    ``min(N_k, (floor(k1 / B_c) + 1) B_c)`` keys, or none when ``k1 < 0`` (every row of the block is
-    fully masked: possible when ``N_q > N_k``).
+    Causal: query block ``i`` is computed with key blocks ``0 .. last_col_block(i)``
+    (:func:`flashlab.tiles.last_col_block`), a prefix; none when that is ``-1`` (every row of the
+    block fully masked: possible when ``N_q > N_k``).
     """
-    t_r = -(-n_q // block_q)
+    t_r = n_blocks(n_q, block_q)
     if not causal:
-        return np.full(t_r, n_k, dtype=np.int64)
-    q1 = np.minimum((np.arange(t_r, dtype=np.int64) + 1) * block_q, n_q) - 1
-    k1 = q1 + n_k - n_q
-    return np.where(k1 >= 0, np.minimum(n_k, (k1 // block_k + 1) * block_k), 0)
-
-
-def tiles_computed(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool = False) -> int:
-    """How many of the ``T_r x T_c`` tiles a blocked algorithm computes (all of them unless causal)."""
-    rows = rows_per_kv_block(n_q, n_k, block_q, block_k, causal)
-    return int(np.sum(-(-rows // block_q)))
+        return t_r * n_k, n_q
+    keys = live = 0
+    for i in range(t_r):
+        last = last_col_block(i, n_q, n_k, block_q, block_k, True)
+        if last >= 0:
+            keys += block_range(last, block_k, n_k)[1]
+            r0, r1 = block_range(i, block_q, n_q)
+            live += r1 - r0
+    return keys, live
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -180,12 +171,12 @@ def fa1_forward(
     Line 6: load K_j, V_j once per outer step: ``N_k (d + d_v)`` in all.
     Line 8: per computed tile (i, j) load Q_i, O_i, l_i, m_i: ``r_i (d + d_v + 2)``.
     Lines 12-13: per computed tile write O_i, l_i, m_i back: ``r_i (d_v + 2)``.
-    With ``R = sum over computed tiles of r_i`` (``T_c N_q`` unmasked, see :func:`rows_per_kv_block`).
+    With ``R = sum over computed tiles of r_i`` (``T_c N_q`` unmasked, see :func:`computed_rows`).
     Line 2 (O = 0, l = 0, m = -inf initialised in HBM) is not counted.
     """
     n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    rows = int(np.sum(rows_per_kv_block(n_q, n_k, block_q, block_k, causal)))
+    rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"K": n_k * d, "V": n_k * d_v, "Q": rows * d, "O": rows * d_v, "l": rows, "m": rows},
         writes={"O": rows * d_v, "l": rows, "m": rows},
@@ -209,14 +200,12 @@ def fa2_forward(
 
     Per outer step i: load Q_i (``N_q d`` in all); per computed tile (i, j) load K_j, V_j:
     ``c_j (d + d_v)`` with ``C = sum over computed tiles of c_j`` (``T_r N_k`` unmasked, see
-    :func:`keys_per_q_block`); at the end of step i write O_i and lse_i once: ``N_q (d_v + 1)``.
+    :func:`computed_keys`); at the end of step i write O_i and lse_i once: ``N_q (d_v + 1)``.
     O and lse are written (O = 0, lse = -inf) even for a fully masked query block, which loads nothing.
     """
     n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    keys_i = keys_per_q_block(n_q, n_k, block_q, block_k, causal)
-    keys = int(np.sum(keys_i))
-    q_rows = int(np.sum(block_sizes(n_q, block_q)[keys_i > 0]))
+    keys, q_rows = computed_keys(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"Q": q_rows * d, "K": keys * d, "V": keys * d_v},
         writes={"O": n_q * d_v, "lse": n_q},
@@ -294,7 +283,7 @@ def fa1_backward(
     """
     n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    rows = int(np.sum(rows_per_kv_block(n_q, n_k, block_q, block_k, causal)))
+    rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     stats = {"lse": rows} if lse else {"l": rows, "m": rows}
     return batch * Traffic(
         reads={"K": n_k * d, "V": n_k * d_v, "Q": rows * d, "O": rows * d_v, "dO": rows * d_v}
@@ -327,7 +316,7 @@ def fa2_backward(
     """
     n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    rows = int(np.sum(rows_per_kv_block(n_q, n_k, block_q, block_k, causal)))
+    rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"O": n_q * d_v, "dO": n_q * d_v + rows * d_v, "K": n_k * d, "V": n_k * d_v}
         | {"Q": rows * d, "dQ": rows * d, "lse": rows, "D": rows},
@@ -400,14 +389,14 @@ def total(kernels: list[tuple[str, Traffic]]) -> Traffic:
 
 
 # --- SRAM: the paper's block rule and what it has to hold ----------------------------------------
-def paper_blocks(sram_elements: int, d: int) -> tuple[int, int]:
-    """The paper's block sizes for an SRAM of ``M = sram_elements`` elements (Algorithm 1, line 1):
+def paper_blocks(m: int, d: int) -> tuple[int, int]:
+    """The paper's block sizes for an SRAM of ``M = m`` elements (Algorithm 1, line 1):
     ``B_c = ceil(M / 4d)``, ``B_r = min(B_c, d)``. Returns ``(B_r, B_c)`` = ``(block_q, block_k)``.
 
     The rule sizes the four tiles with ``d`` columns, Q_i, O_i (``B_r`` rows) and K_j, V_j (``B_c``
     rows), to share M: see :func:`paper_sram_elements` for exactly what fits.
     """
-    m, d = check_block("sram_elements", sram_elements), check_block("d", d)
+    m, d = check_block("m (SRAM size in elements)", m), check_block("d", d)
     block_k = -(-m // (4 * d))
     return min(block_k, d), block_k
 
@@ -425,6 +414,55 @@ def paper_sram_elements(block_q: int, block_k: int, d: int, d_v: int | None = No
     """
     _, _, d, d_v, _ = _sizes(1, 1, d, d_v, 1)
     return (check_block("block_q", block_q) + check_block("block_k", block_k)) * (d + d_v)
+
+
+def sram_elements(
+    block_q: int,
+    block_k: int,
+    d: int,
+    d_v: int | None = None,
+    *,
+    n_q: int | None = None,
+    n_k: int | None = None,
+    backward: bool = False,
+) -> int:
+    """The peak SRAM, in elements, of what the course's blocked implementations hold on chip.
+
+    Forward (:func:`flashlab.flash_attention`, both loop orders): K_j, V_j (``B_c (d + d_v)``), Q_i,
+    O_i and the row statistics m_i, l_i (``B_r (d + d_v + 2)``) and one score tile S_ij, which P_ij
+    overwrites (``B_r B_c``). Backward (:func:`flashlab.flash_attention_backward`): K_j, V_j and the
+    accumulators dK_j, dV_j (``2 B_c (d + d_v)``), Q_i, dQ_i, dO_i, lse_i, D_i
+    (``B_r (2d + d_v + 2)``), and P_ij, dS_ij (``2 B_r B_c``). Per (batch, head) problem; with
+    ``n_q``, ``n_k`` given, a block longer than the sequence counts only the rows that exist.
+    """
+    _, _, d, d_v, _ = _sizes(1, 1, d, d_v, 1)
+    b_r, b_c = check_block("block_q", block_q), check_block("block_k", block_k)
+    b_r = b_r if n_q is None else min(b_r, check_block("n_q", n_q))
+    b_c = b_c if n_k is None else min(b_c, check_block("n_k", n_k))
+    if backward:
+        return 2 * b_c * (d + d_v) + b_r * (2 * d + d_v + 2) + 2 * b_r * b_c
+    return b_c * (d + d_v) + b_r * (d + d_v + 2) + b_r * b_c
+
+
+def fitting_blocks(m: int, d: int, d_v: int | None = None, *, backward: bool = False) -> tuple[int, int]:
+    """The largest blocks of the paper's shape (``B_r = min(B_c, d)``) whose every tile fits in
+    ``M = m`` elements by :func:`sram_elements`: ``(block_q, block_k)``.
+
+    Unlike :func:`paper_blocks`, this never overflows; ``ValueError`` if even 1 x 1 tiles do not fit.
+    """
+    m = check_block("m (SRAM size in elements)", m)
+
+    def fits(b_c: int) -> bool:
+        return sram_elements(min(b_c, d), b_c, d, d_v, backward=backward) <= m
+
+    if not fits(1):
+        need = sram_elements(1, 1, d, d_v, backward=backward)
+        raise ValueError(f"sram_elements={m} is too small: even 1 x 1 blocks need {need} elements (d={d})")
+    lo, hi = 1, m // d  # fits(lo); K_j alone takes B_c d <= M
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return min(lo, d), lo
 
 
 def attention_flops(n_q: int, n_k: int, d: int, d_v: int | None = None, *, batch: int = 1) -> int:
