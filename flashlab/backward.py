@@ -37,7 +37,7 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad.sum(axis=stretched, keepdims=True) if stretched else grad
 
 
-def _saved(name: str, x, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def check_saved(name: str, x, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A tensor saved by (or flowing into) the forward: floating, of exactly ``shape``."""
     a = as_float_array(name, x)
     if a.shape != shape:
@@ -47,7 +47,7 @@ def _saved(name: str, x, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return a.astype(dtype, copy=False)
 
 
-def _gradients(a, q, k, v, grads):
+def gradients_to_inputs(a, q, k, v, grads):
     """Cast ``(dq, dk, dv)`` to the output dtype and sum them back to the shapes of ``q, k, v``."""
     return tuple(
         _unbroadcast(g, _shape(x)).astype(a.out_dtype, copy=False)
@@ -76,7 +76,7 @@ def naive_attention_backward(q, k, v, do, *, causal=False, scale=None, memory=No
     a = attention_inputs(q, k, v, scale)
     qq, kk, vv = a.q, a.k, a.v
     n_q, n_k = qq.shape[-2], kk.shape[-2]
-    do = _saved("do", do, qq.shape[:-1] + vv.shape[-1:], qq.dtype)
+    do = check_saved("do", do, qq.shape[:-1] + vv.shape[-1:], qq.dtype)
     s = a.scale * (qq @ np.swapaxes(kk, -1, -2))
     if causal:
         s = np.where(causal_mask(n_q, n_k), s, -np.inf)
@@ -111,7 +111,7 @@ def naive_attention_backward(q, k, v, do, *, causal=False, scale=None, memory=No
     dk = a.scale * (np.swapaxes(ds, -1, -2) @ qq)
     if count:  # line 5 (write)
         memory.write("dK", dk)
-    return _gradients(a, q, k, v, (dq, dk, dv))
+    return gradients_to_inputs(a, q, k, v, (dq, dk, dv))
 
 
 def row_dot(do: np.ndarray, o: np.ndarray, *, block_q: int = 64, memory=None) -> np.ndarray:
@@ -176,9 +176,9 @@ def flash_attention_backward(
     qq, kk, vv = a.q, a.k, a.v
     n_q, n_k = qq.shape[-2], kk.shape[-2]
     out_shape = qq.shape[:-1] + vv.shape[-1:]
-    o = _saved("o", o, out_shape, qq.dtype)
-    do = _saved("do", do, out_shape, qq.dtype)
-    lse = _saved("lse", lse, qq.shape[:-1], qq.dtype)
+    o = check_saved("o", o, out_shape, qq.dtype)
+    do = check_saved("do", do, out_shape, qq.dtype)
+    lse = check_saved("lse", lse, qq.shape[:-1], qq.dtype)
     count = memory is not None
     lse_safe = np.where(np.isfinite(lse), lse, 0.0)  # fully masked rows: S = -inf there, so P = 0
 
@@ -222,4 +222,4 @@ def flash_attention_backward(
             memory.write("dK", dk_j)
             memory.write("dV", dv_j)
             memory.free("K", "V", "dK", "dV", "Q", "dO", "dQ", "lse", "D", "P", "dS")
-    return _gradients(a, q, k, v, (dq, dk, dv))
+    return gradients_to_inputs(a, q, k, v, (dq, dk, dv))
