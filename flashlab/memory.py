@@ -9,13 +9,22 @@ the algorithm itself, not a second copy of it:
 
 Tensor names used across the course: Q, K, V, O, l, m, lse, S, P (and dO, dQ, dK, dV, D for the
 backward pass).
+
+Bytes are counted as the tiles are stored here (float32 for float16 input, which is computed in
+float32); elements are dtype-free. To compare with the paper's fp16 figures, take the element counts
+(:meth:`MemoryModel.traffic`) and price them with :meth:`flashlab.traffic.Traffic.nbytes`.
+Counting costs two dictionary updates per tile, so a counted run takes about the time of an
+uncounted one (``python -m flashlab.bench memory`` measures it).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
+
+from flashlab.traffic import Traffic, fitting_blocks, paper_blocks
 
 
 class SRAMOverflow(MemoryError):
@@ -38,8 +47,10 @@ class MemoryModel:
         self.write_bytes: Counter[str] = Counter()
         self.read_elements: Counter[str] = Counter()
         self.write_elements: Counter[str] = Counter()
-        self.held: dict[str, int] = {}
+        self.held: dict[str, int] = {}  # name -> bytes on chip now
+        self.held_tiles: dict[str, np.ndarray | int] = {}  # name -> the tile (or byte count) held
         self.sram_peak_bytes = 0
+        self.sram_peak_tiles: dict[str, int] = {}  # name -> bytes, at the first moment of the peak
 
     # --- HBM traffic -------------------------------------------------------------------------
     def read(self, name: str, tile: np.ndarray) -> None:
@@ -74,28 +85,102 @@ class MemoryModel:
 
     # --- SRAM occupancy ------------------------------------------------------------------------
     def hold(self, name: str, tile: np.ndarray | int) -> None:
-        """Tile ``name`` now occupies SRAM (``tile`` is an array or a byte count)."""
+        """Tile ``name`` now occupies SRAM (``tile`` is an array or a byte count), replacing an earlier
+        tile of that name. Raises :class:`SRAMOverflow` if the tiles held exceed ``sram_bytes``."""
         self.held[name] = int(tile) if isinstance(tile, (int, np.integer)) else tile.nbytes
+        self.held_tiles[name] = tile
         used = sum(self.held.values())
         if self.sram_bytes is not None and used > self.sram_bytes:
-            tiles = ", ".join(f"{k} {b} B" for k, b in self.held.items())
-            raise SRAMOverflow(
-                f"SRAM overflow: {used} B held ({tiles}) > sram_bytes={self.sram_bytes}. "
-                "Use smaller block sizes (block_q, block_k) or a larger sram_bytes."
-            )
-        self.sram_peak_bytes = max(self.sram_peak_bytes, used)
+            raise SRAMOverflow(self._overflow_message(name, used))
+        if used > self.sram_peak_bytes:
+            self.sram_peak_bytes = used
+            self.sram_peak_tiles = dict(self.held)
+
+    def _overflow_message(self, name: str, used: int) -> str:
+        """Which tiles overflowed SRAM, by how much, and block sizes that would fit."""
+        held = ", ".join(f"{n} {_describe(t)}" for n, t in self.held_tiles.items())
+        return (
+            f"SRAM overflow when holding {name!r}: the tiles on chip take {used} B > "
+            f"sram_bytes={self.sram_bytes} B (over by {used - self.sram_bytes} B). "
+            f"Held: {held}. {self._suggest_blocks()}"
+        )
+
+    def _suggest_blocks(self) -> str:
+        """Blocks that fit (:func:`flashlab.traffic.fitting_blocks`) for the held tiles' d, d_v, dtype."""
+        arrays = {n: t for n, t in self.held_tiles.items() if isinstance(t, np.ndarray) and t.ndim >= 2}
+        qk = next((arrays[n] for n in ("Q", "K", "dQ", "dK") if n in arrays), None)
+        if qk is None:
+            return "Use smaller block sizes (block_q, block_k) or a larger sram_bytes."
+        vo = next((arrays[n] for n in ("V", "O", "dV", "dO") if n in arrays), qk)
+        d, d_v, problems = qk.shape[-1], vo.shape[-1], math.prod(qk.shape[:-2])
+        backward = any(n in arrays for n in ("dQ", "dK", "dV"))
+        m = self.sram_bytes // (qk.itemsize * problems)
+        per = f" per (batch, head) problem ({problems} run side by side here)" if problems > 1 else ""
+        where = f"M = {m} {qk.dtype} elements{per}, d={d}, d_v={d_v}"
+        try:
+            block_q, block_k = fitting_blocks(m, d, d_v, backward=backward)
+        except ValueError as e:
+            return f"For {where}: {e}; raise sram_bytes."
+        paper_q, paper_k = paper_blocks(m, d)
+        return (
+            f"For {where}, blocks that fit: block_q={block_q}, block_k={block_k} "
+            f"(flashlab.traffic.fitting_blocks; the paper's rule B_c = ceil(M/4d), B_r = min(B_c, d) gives "
+            f"block_q={paper_q}, block_k={paper_k}, sized for Q, K, V, O only). Or raise sram_bytes."
+        )
 
     def free(self, *names: str) -> None:
         """Tiles ``names`` leave SRAM (names not held are ignored)."""
         for name in names:
             self.held.pop(name, None)
+            self.held_tiles.pop(name, None)
 
     @property
     def sram_used_bytes(self) -> int:
         return sum(self.held.values())
+
+    # --- reports -----------------------------------------------------------------------------
+    def traffic(self) -> Traffic:
+        """The counted HBM traffic in elements, per tensor: compare it with a closed form of
+        :mod:`flashlab.traffic`, or price it in bytes with :meth:`Traffic.nbytes`."""
+        return Traffic(dict(self.read_elements), dict(self.write_elements))
+
+    def summary(self, dtype_bytes: int | None = None, tensor_bytes: dict[str, int] | None = None) -> str:
+        """A table of HBM traffic per tensor (elements and bytes) and the SRAM peak.
+
+        Bytes are as counted (the dtype of the tiles), or, with ``dtype_bytes``, every element priced
+        at that many bytes except those named in ``tensor_bytes`` (e.g. ``dtype_bytes=2,
+        tensor_bytes={"lse": 4}`` for fp16 matrices with fp32 statistics).
+        """
+
+        def price(name: str, elements: int, counted: int) -> int:
+            return counted if dtype_bytes is None else elements * (tensor_bytes or {}).get(name, dtype_bytes)
+
+        unit = "B as counted" if dtype_bytes is None else f"B at {dtype_bytes} B/element"
+        lines = [_row("tensor", ["read elem", "written elem", f"read {unit}", "written B"])]
+        totals = [0, 0, 0, 0]
+        for name, r, w in self.traffic().table():
+            row = [r, w, price(name, r, self.read_bytes[name]), price(name, w, self.write_bytes[name])]
+            totals = [a + b for a, b in zip(totals, row, strict=True)]
+            lines.append(_row(name, row))
+        lines.append(_row("total", totals))
+        peak = ", ".join(f"{n} {b} B" for n, b in self.sram_peak_tiles.items()) or "nothing held"
+        lines.append(f"SRAM peak {self.sram_peak_bytes} B as counted ({peak})")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (
             f"MemoryModel(hbm_read_bytes={self.hbm_read_bytes}, "
             f"hbm_write_bytes={self.hbm_write_bytes}, sram_peak_bytes={self.sram_peak_bytes})"
         )
+
+
+def _describe(tile: np.ndarray | int) -> str:
+    """``'64x64 float32 16384 B'`` for an array, ``'512 B'`` for a byte count."""
+    if isinstance(tile, (int, np.integer)):
+        return f"{int(tile)} B"
+    return f"{'x'.join(map(str, tile.shape))} {tile.dtype} {tile.nbytes} B"
+
+
+def _row(label: str, cells: list) -> str:
+    """One line of :meth:`MemoryModel.summary`'s table."""
+    return f"{label:<8}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (14, 14, 24, 14), strict=True))

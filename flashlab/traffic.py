@@ -433,7 +433,9 @@ def sram_elements(
     overwrites (``B_r B_c``). Backward (:func:`flashlab.flash_attention_backward`): K_j, V_j and the
     accumulators dK_j, dV_j (``2 B_c (d + d_v)``), Q_i, dQ_i, dO_i, lse_i, D_i
     (``B_r (2d + d_v + 2)``), and P_ij, dS_ij (``2 B_r B_c``). Per (batch, head) problem; with
-    ``n_q``, ``n_k`` given, a block longer than the sequence counts only the rows that exist.
+    ``n_q``, ``n_k`` given, a block longer than the sequence counts only the rows that exist. This is
+    the exact peak of a counted run, except that a causal run with ``N_q > N_k`` may skip every full
+    query block and so hold less.
     """
     _, _, d, d_v, _ = _sizes(1, 1, d, d_v, 1)
     b_r, b_c = check_block("block_q", block_q), check_block("block_k", block_k)
