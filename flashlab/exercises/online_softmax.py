@@ -55,33 +55,35 @@ def _update(update, m, d, x, dtype=np.float64):
 def _diagnose_update(what, got, want, m, d, x) -> str:
     """Words for the usual wrong steps; a plain comparison otherwise."""
     m_new = max(m, x)
-    if np.isnan(got[0]) or np.isnan(got[1]):
+    if not np.isnan(got[0]) and got[0] != want[0]:
+        return f"{what} returned m_new = {got[0]}; the running max must be max(m, x) = {want[0]}"
+    if not (np.isfinite(got[1]) and (np.isfinite(got[0]) or got[0] == -np.inf)):
         if m_new == -np.inf:
             return (
                 f"{what} gave nan: with m and x both -inf, exp(m - m_new) is exp(-inf - (-inf)) = exp(nan). "
                 "While max(m, x) is still -inf there is nothing to add: return (m, d) unchanged"
+            )
+        if m_new > EXP_LIMIT[type(m_new)]:
+            return (
+                f"{what} gave d = {got[1]}: it overflows for logits > {EXP_LIMIT[np.float32]:.1f} "
+                "(float32 exp limit): subtract the running max, i.e. add exp(x - m_new), never exp(x)"
             )
         if m == -np.inf:
             return (
                 f"{what} gave nan for the first score: the old sum d = 0 must be rescaled by "
                 "exp(m_old - m_new) = exp(-inf) = 0; exp(m_new - m_old) = inf makes 0 * inf = nan"
             )
-        return f"{what} gave nan; an -inf score (a masked key) must add exp(-inf) = 0 and leave (m, d) as is"
-    if np.isinf(got[1]):
         return (
-            f"{what} gave d = inf: it overflows for logits > {EXP_LIMIT[np.float32]:.1f} "
-            "(float32 exp limit): subtract the running max, i.e. add exp(x - m_new), never exp(x)"
+            f"{what} gave {got}; an -inf score (a masked key) must add exp(-inf) = 0 and leave (m, d) as is"
         )
-    if got[0] != want[0]:
-        return f"{what} returned m_new = {got[0]}; the running max must be max(m, x) = {want[0]}"
     with np.errstate(all="ignore"):
         wrong = {
             "the old denominator was not rescaled by exp(m_old - m_new) when the max grew: every old "
             "term exp(x_i - m_old) must become exp(x_i - m_new)": d + np.exp(x - m_new),
             "the old denominator was rescaled the wrong way: multiply it by exp(m_old - m_new) "
             "(at most 1), not exp(m_new - m_old)": d * np.exp(m_new - m) + np.exp(x - m_new),
-            "the new score was not shifted: add exp(x - m_new), not exp(x)": d * np.exp(m - m_new)
-            + np.exp(x),
+            "the new score was not shifted: add exp(x - m_new), not exp(x), which overflows for logits "
+            f"> {EXP_LIMIT[np.float32]:.1f} in float32": d * np.exp(m - m_new) + np.exp(x),
         }
     for words, value in wrong.items():
         if np.isclose(got[1], value):
