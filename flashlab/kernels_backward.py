@@ -85,6 +85,7 @@ def backward_kernel(d: int):
     if d not in BLOCK_Q:
         raise ValueError(f"d must be one of {HEAD_DIMS} for the backward kernel, got {d}")
     b_r, b_c = BLOCK_Q[d], BLOCK_K
+    row = d + 1  # K_j, V_j rows padded by one float: no shared-memory bank conflicts (see the module doc)
 
     @cuda.jit
     def kernel(q, k, v, do, lse, delta, dq, dk, dv, scale, offset, causal):
@@ -93,8 +94,8 @@ def backward_kernel(d: int):
         j0 = cuda.blockIdx.x * b_c
         j = j0 + t  # this thread's key
         n_q, n_k = q.shape[1], k.shape[1]
-        k_s = cuda.shared.array((b_c, d + 1), float32)
-        v_s = cuda.shared.array((b_c, d + 1), float32)
+        k_s = cuda.shared.array((b_c, row), float32)
+        v_s = cuda.shared.array((b_c, row), float32)
         q_s = cuda.shared.array((b_r, d), float32)
         do_s = cuda.shared.array((b_r, d), float32)
         ds_s = cuda.shared.array((b_r, b_c), float32)
