@@ -1,0 +1,322 @@
+"""Chapter 5: the backward pass (NumPy Algorithm 4, the standard backward, the torch bridge, the kernel)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import flashlab  # noqa: F401  (before numba)
+from flashlab import traffic
+from flashlab.attention import naive_attention
+from flashlab.backward import flash_attention_backward, naive_attention_backward
+from flashlab.flash import flash_attention
+from flashlab.gpu_backward import flash_attention_backward as kernel_backward
+from flashlab.inputs import causal_mask
+from flashlab.memory import MemoryModel
+from flashlab.torch import flash_attention as torch_flash_attention
+from tests.conftest import requires_gpu
+from tests.strategies import attention_problems
+
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def torch_attention(q, k, v, causal, scale=None):
+    """Attention as torch autograd sees it (bottom-right causal; a row with no key gives 0)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * q @ k.transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(~torch.from_numpy(causal_mask(q.shape[-2], k.shape[-2])), -math.inf)
+    m = s.amax(dim=-1, keepdim=True).detach()
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+    total = e.sum(dim=-1, keepdim=True)
+    return (e / torch.where(total > 0, total, 1.0)) @ v
+
+
+def torch_gradients(q, k, v, do, causal, scale=None):
+    """``(dq, dk, dv)`` of float64 attention by torch autograd (the reference)."""
+    q, k, v = (torch.tensor(np.asarray(x, np.float64), requires_grad=True) for x in (q, k, v))
+    torch_attention(q, k, v, causal, scale).backward(torch.tensor(np.asarray(do, np.float64)))
+    return tuple(x.grad.numpy() for x in (q, k, v))
+
+
+def assert_grads_close(actual, expected, dtype, rtol=None):
+    """Each gradient within ``rtol`` of the reference, relative to the reference's largest entry."""
+    rtol = RTOL[np.dtype(dtype)] if rtol is None else rtol
+    for name, a, e in zip(("dq", "dk", "dv"), actual, expected, strict=True):
+        assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+        assert np.all(np.isfinite(a)), f"{name}: non-finite values from finite input"
+        err = float(np.max(np.abs(a - e), initial=0.0)) / max(1.0, float(np.max(np.abs(e), initial=0.0)))
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g} ({np.dtype(dtype)})"
+
+
+def forward(q, k, v, causal, scale=None):
+    return flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+
+
+@st.composite
+def backward_problems(draw, max_n=100):
+    """(q, k, v, do, causal, block_q, block_k): random shapes, dtypes, logit sizes and blocks."""
+    q, k, v, causal = draw(attention_problems(max_n=max_n, max_d=32))
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    do = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(
+        lead + (q.shape[-2], v.shape[-1])
+    )
+    block_q = draw(st.integers(max(1, q.shape[-2] // 20), 70))
+    block_k = draw(st.integers(max(1, k.shape[-2] // 20), 70))
+    return q, k, v, do.astype(q.dtype), causal, block_q, block_k
+
+
+# --- NumPy: Algorithm 4 and Algorithm 3 against torch autograd ----------------------------------
+@given(backward_problems())
+def test_flash_backward_equals_torch_autograd(problem):
+    q, k, v, do, causal, block_q, block_k = problem
+    o, lse = forward(q, k, v, causal)
+    grads = flash_attention_backward(q, k, v, o, lse, do, block_q=block_q, block_k=block_k, causal=causal)
+    assert all(g.dtype == q.dtype for g in grads)
+    assert_grads_close(grads, torch_gradients(q, k, v, do, causal), q.dtype)
+
+
+@given(backward_problems(max_n=60))
+def test_standard_backward_equals_torch_autograd(problem):
+    q, k, v, do, causal, _, _ = problem
+    grads = naive_attention_backward(q, k, v, do, causal=causal)
+    assert_grads_close(grads, torch_gradients(q, k, v, do, causal), q.dtype)
+
+
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 40), st.integers(1, 40), st.booleans())
+def test_block_sizes_do_not_change_the_gradients(n_q, n_k, block_q, block_k, causal):
+    rng = np.random.default_rng(n_q * 31 + n_k)
+    q, k, v, do = (rng.standard_normal((2, n, 5)) for n in (n_q, n_k, n_k, n_q))
+    o, lse = forward(q, k, v, causal, scale=0.7)
+    one_tile = flash_attention_backward(
+        q, k, v, o, lse, do, block_q=n_q, block_k=n_k, causal=causal, scale=0.7
+    )
+    tiled = flash_attention_backward(
+        q, k, v, o, lse, do, block_q=block_q, block_k=block_k, causal=causal, scale=0.7
+    )
+    for a, b in zip(tiled, one_tile, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_finite_differences_on_a_tiny_case(causal):
+    """Central differences of L = sum(O * W) in every entry of q, k, v agree with the gradients."""
+    rng = np.random.default_rng(7)
+    q, k, v, w = rng.standard_normal((3, 2)), rng.standard_normal((4, 2)), rng.standard_normal((4, 3)), None
+    w = rng.standard_normal((3, 3))
+    o, lse = forward(q, k, v, causal)
+    grads = flash_attention_backward(q, k, v, o, lse, w, block_q=2, block_k=3, causal=causal)
+    h = 1e-6
+    inputs = [q, k, v]
+    for x, g in zip(inputs, grads, strict=True):
+        numeric = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + h
+            up = np.sum(naive_attention(*inputs, causal=causal) * w)
+            x[idx] = old - h
+            down = np.sum(naive_attention(*inputs, causal=causal) * w)
+            x[idx] = old
+            numeric[idx] = (up - down) / (2 * h)
+        np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_fully_masked_rows_get_zero_gradient():
+    """Causal with N_q > N_k: the first N_q - N_k queries see no key (o = 0, lse = -inf)."""
+    rng = np.random.default_rng(3)
+    q, k, v, do = rng.standard_normal((9, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 4)), None
+    do = rng.standard_normal((9, 4))
+    o, lse = forward(q, k, v, True)
+    assert np.all(np.isneginf(lse[:4]))
+    dq, dk, dv = flash_attention_backward(q, k, v, o, lse, do, block_q=2, block_k=2, causal=True)
+    assert np.all(dq[:4] == 0) and np.all(np.isfinite(dq))
+    assert_grads_close((dq, dk, dv), torch_gradients(q, k, v, do, True), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_logits_are_finite_and_exact(dtype):
+    rng = np.random.default_rng(1)
+    q, k, v, do = (rng.standard_normal((2, 40, 8)) for _ in range(4))
+    q = q * (1e4 / np.max(np.abs(q @ np.swapaxes(k, -1, -2) / math.sqrt(8))))  # largest logit: 1e4
+    q, k, v, do = (x.astype(dtype) for x in (q, k, v, do))
+    for causal in (False, True):
+        o, lse = forward(q, k, v, causal)
+        grads = flash_attention_backward(q, k, v, o, lse, do, block_q=7, block_k=9, causal=causal)
+        # Logits of 1e4 in float32 carry absolute errors ~1e-3 in S - lse: compare in float64 only.
+        if dtype == np.float64:
+            assert_grads_close(grads, torch_gradients(q, k, v, do, causal), dtype, rtol=1e-8)
+        assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_broadcast_inputs_get_summed_gradients():
+    rng = np.random.default_rng(5)
+    q, k, v = (
+        rng.standard_normal((2, 1, 6, 4)),
+        rng.standard_normal((1, 3, 7, 4)),
+        rng.standard_normal((7, 4)),
+    )
+    do = rng.standard_normal((2, 3, 6, 4))
+    o, lse = forward(q, k, v, False)
+    grads = flash_attention_backward(q, k, v, o, lse, do, block_q=4, block_k=3)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert_grads_close(grads, torch_gradients(q, k, v, do, False), np.float64)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"block_q": 0}, ValueError, "block_q"),
+        ({"block_k": 2.5}, TypeError, "block_k"),
+        ({"o": np.zeros((5, 4))}, ValueError, "o must have shape"),
+        ({"lse": np.zeros((6, 1))}, ValueError, "lse must have shape"),
+        ({"do": np.zeros((6, 3))}, ValueError, "do must have shape"),
+        ({"do": np.zeros((6, 4), dtype=int)}, TypeError, "do must be a floating-point"),
+        ({"scale": float("nan")}, ValueError, "scale"),
+    ],
+)
+def test_bad_arguments_name_themselves(change, error, match):
+    rng = np.random.default_rng(0)
+    args = {
+        "q": rng.standard_normal((6, 4)),
+        "k": rng.standard_normal((5, 4)),
+        "v": rng.standard_normal((5, 4)),
+    }
+    args["o"], args["lse"] = forward(args["q"], args["k"], args["v"], False)
+    args["do"] = np.ones((6, 4))
+    args.update(change)
+    options = {name: args.pop(name) for name in ("block_q", "block_k", "scale") if name in args}
+    with pytest.raises(error, match=match):
+        flash_attention_backward(**args, **options)
+
+
+# --- counted traffic against the closed forms --------------------------------------------------
+@given(attention_problems(max_n=90), st.integers(3, 60), st.integers(3, 60))
+def test_counted_backward_traffic_equals_closed_form(problem, block_q, block_k):
+    q, k, v, causal = problem
+    n_q, n_k, d, d_v = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch = math.prod(lead)
+    o, lse = forward(q, k, v, causal)
+    do = np.ones_like(o)
+    memory = MemoryModel()
+    flash_attention_backward(
+        q, k, v, o, lse, do, block_q=block_q, block_k=block_k, causal=causal, memory=memory
+    )
+    expected = traffic.fa2_backward(
+        n_q, n_k, d, d_v, block_q=block_q, block_k=block_k, causal=causal, batch=batch
+    )
+    assert memory.traffic() == expected
+    assert memory.hbm_bytes == expected.elements * q.dtype.itemsize
+    bound = (
+        batch
+        * q.dtype.itemsize
+        * traffic.sram_elements(block_q, block_k, d, d_v, n_q=n_q, n_k=n_k, backward=True)
+    )
+    exact = not causal or n_q <= n_k
+    assert memory.sram_peak_bytes == bound if exact else memory.sram_peak_bytes <= bound
+
+    standard = MemoryModel()
+    naive_attention_backward(q, k, v, do, causal=causal, memory=standard)
+    assert standard.traffic() == traffic.standard_backward(n_q, n_k, d, d_v, batch=batch)
+
+
+def test_flash_backward_moves_less_than_the_standard_backward_as_n_grows():
+    """Counted, not modelled: the standard backward moves 7 N^2 matrix entries, Algorithm 4 O(N^2 d / B_c)."""
+    ratios = []
+    for n in (64, 256, 1024):
+        q, k, v, do = (np.ones((n, 16)) for _ in range(4))
+        o, lse = forward(q, k, v, False)
+        flash, standard = MemoryModel(), MemoryModel()
+        flash_attention_backward(q, k, v, o, lse, do, block_q=64, block_k=64, memory=flash)
+        naive_attention_backward(q, k, v, do, memory=standard)
+        assert standard.traffic().reads["P"] == 2 * n * n and "P" not in flash.traffic().reads
+        ratios.append(standard.hbm_bytes / flash.hbm_bytes)
+    assert ratios[0] < ratios[1] < ratios[2]
+
+
+# --- the torch bridge --------------------------------------------------------------------------
+@pytest.mark.parametrize("n_q, n_k, causal", [(13, 21, False), (17, 17, True), (9, 30, True)])
+def test_torch_bridge_gradients_equal_sdpa(n_q, n_k, causal):
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, n_q, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, n_k, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, n_k, 5, dtype=torch.float64, requires_grad=True)
+    o = torch_flash_attention(q, k, v, causal=causal, block_q=4, block_k=6)
+    (o**2).sum().backward()
+    ours = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    mask = torch.from_numpy(causal_mask(n_q, n_k)) if causal else None
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    (ref**2).sum().backward()
+    torch.testing.assert_close(o, ref, rtol=1e-12, atol=1e-12)
+    for a, x in zip(ours, (q, k, v), strict=True):
+        torch.testing.assert_close(a, x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_bridge_saves_lse_not_p_and_passes_gradcheck():
+    torch.manual_seed(1)
+    q = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(50, 3, dtype=torch.float64, requires_grad=True)
+    o = torch_flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
+    saved = o.grad_fn.saved_tensors
+    assert max(t.numel() for t in saved) < 40 * 50, "an N_q x N_k matrix was saved for the backward"
+    assert any(tuple(t.shape) == (40,) for t in saved), "the row log-sum-exp was not saved"
+    small = [x[:5].detach().requires_grad_() for x in (q, k, v)]
+    assert torch.autograd.gradcheck(
+        lambda *a: torch_flash_attention(*a, causal=True, block_q=2, block_k=3), small
+    )
+
+
+def test_torch_bridge_rejects_arrays():
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        torch_flash_attention(np.ones((3, 4)), torch.ones(3, 4), torch.ones(3, 4))
+
+
+# --- the numba.cuda kernel (simulator here) ------------------------------------------------------
+@pytest.mark.parametrize(
+    "n_q, n_k, d, causal",
+    [(40, 45, 16, True), (45, 40, 16, True), (20, 70, 32, False), (1, 33, 16, True), (33, 1, 16, False)],
+)
+def test_kernel_equals_numpy_backward(n_q, n_k, d, causal):
+    """Ragged (N not a multiple of the tiles), N smaller than a tile, N_q != N_k, fully masked rows."""
+    rng = np.random.default_rng(n_q + n_k + d)
+    q, do = (rng.standard_normal((1, 2, n_q, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((1, 2, n_k, d)).astype(np.float32) for _ in range(2))
+    o, lse = forward(q, k, v, causal)
+    grads = kernel_backward(q, k, v, o, lse, do, causal=causal)
+    assert all(g.dtype == np.float32 for g in grads)
+    wide = [x.astype(np.float64) for x in (q, k, v, o, lse, do)]
+    assert_grads_close(grads, flash_attention_backward(*wide, causal=causal), np.float32)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [(((8, 24), (8, 24), (8, 24)), "d = d_v in"), (((8, 16), (8, 16), (8, 32)), "d = d_v in")],
+)
+def test_kernel_rejects_unsupported_head_dims(shapes, match):
+    q, k, v = (np.ones(s, np.float32) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        kernel_backward(q, k, v, np.ones((8, shapes[2][1])), np.zeros(8), np.ones((8, shapes[2][1])))
+
+
+@requires_gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_on_gpu_equals_float64_autograd(causal):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, 1000, 64, device="cuda", generator=gen) for _ in range(4))
+    q64, k64, v64 = (x.double().cpu().requires_grad_() for x in (q, k, v))
+    o64 = torch_attention(q64, k64, v64, causal)
+    o64.backward(do.double().cpu())
+    s = q64.detach() @ k64.detach().transpose(-1, -2) / 8.0
+    if causal:
+        s = s.masked_fill(~torch.from_numpy(causal_mask(1000, 1000)), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    grads = kernel_backward(q, k, v, o64.detach().float().cuda(), lse.float().cuda(), do, causal=causal)
+    assert all(g.is_cuda and g.dtype == torch.float32 for g in grads)
+    expected = [x.grad.numpy() for x in (q64, k64, v64)]
+    assert_grads_close([g.cpu().numpy() for g in grads], expected, np.float32)
