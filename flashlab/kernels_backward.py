@@ -44,9 +44,10 @@ from functools import cache
 
 from numba import cuda, float32
 
+from flashlab.kernels import HEAD_DIMS
+
 BLOCK_K = 32  # B_c: keys per thread block = threads per block (one warp)
-BLOCK_Q = {16: 64, 32: 64, 64: 32, 128: 8}  # B_r per head dim d: shared memory <= 48 KiB
-HEAD_DIMS = tuple(BLOCK_Q)
+BLOCK_Q = {16: 64, 32: 64, 64: 32, 128: 8}  # B_r per head dim d (HEAD_DIMS): shared memory <= 48 KiB
 PREPROCESS_THREADS = 128
 
 
@@ -56,7 +57,7 @@ def shared_bytes(d: int) -> int:
     return 4 * (2 * b_c * (d + 1) + 2 * b_r * d + b_r * b_c + 2 * b_r)
 
 
-@cuda.jit
+@cuda.jit(fastmath=True)
 def preprocess_kernel(o, do, delta, dq):
     """``delta[b, i] = sum_c dO[b, i, c] O[b, i, c]`` and ``dq[b, i, :] = 0``; grid ``(ceil(N_q / T), B)``.
 
@@ -87,7 +88,7 @@ def backward_kernel(d: int):
     b_r, b_c = BLOCK_Q[d], BLOCK_K
     row = d + 1  # K_j, V_j rows padded by one float: no shared-memory bank conflicts (see the module doc)
 
-    @cuda.jit
+    @cuda.jit(fastmath=True)  # exp by the special-function unit (about 1e-6 relative error)
     def kernel(q, k, v, do, lse, delta, dq, dk, dv, scale, offset, causal):
         b = cuda.blockIdx.y
         t = cuda.threadIdx.x
