@@ -49,19 +49,22 @@ class MemoryModel:
         self.write_elements: Counter[str] = Counter()
         self.held: dict[str, int] = {}  # name -> bytes on chip now
         self.held_tiles: dict[str, np.ndarray | int] = {}  # name -> the tile (or byte count) held
+        self.sram_used_bytes = 0  # bytes on chip now: the sum of ``held``
         self.sram_peak_bytes = 0
         self.sram_peak_tiles: dict[str, int] = {}  # name -> bytes, at the first moment of the peak
 
     # --- HBM traffic -------------------------------------------------------------------------
     def read(self, name: str, tile: np.ndarray) -> None:
         """Count ``tile`` (any shape) as read from HBM under tensor ``name``."""
-        self.read_elements[name] += tile.size
-        self.read_bytes[name] += tile.nbytes
+        elements, nbytes = self.read_elements, self.read_bytes  # dict.get: the cheapest update
+        elements[name] = elements.get(name, 0) + tile.size
+        nbytes[name] = nbytes.get(name, 0) + tile.nbytes
 
     def write(self, name: str, tile: np.ndarray) -> None:
         """Count ``tile`` as written to HBM under tensor ``name``."""
-        self.write_elements[name] += tile.size
-        self.write_bytes[name] += tile.nbytes
+        elements, nbytes = self.write_elements, self.write_bytes
+        elements[name] = elements.get(name, 0) + tile.size
+        nbytes[name] = nbytes.get(name, 0) + tile.nbytes
 
     @property
     def hbm_read_bytes(self) -> int:
@@ -87,14 +90,17 @@ class MemoryModel:
     def hold(self, name: str, tile: np.ndarray | int) -> None:
         """Tile ``name`` now occupies SRAM (``tile`` is an array or a byte count), replacing an earlier
         tile of that name. Raises :class:`SRAMOverflow` if the tiles held exceed ``sram_bytes``."""
-        self.held[name] = int(tile) if isinstance(tile, (int, np.integer)) else tile.nbytes
+        nbytes = tile.nbytes if isinstance(tile, np.ndarray) else int(tile)
+        held = self.held
+        used = self.sram_used_bytes + nbytes - held.get(name, 0)
+        held[name] = nbytes
         self.held_tiles[name] = tile
-        used = sum(self.held.values())
-        if self.sram_bytes is not None and used > self.sram_bytes:
-            raise SRAMOverflow(self._overflow_message(name, used))
-        if used > self.sram_peak_bytes:
+        self.sram_used_bytes = used
+        if used > self.sram_peak_bytes:  # the peak never exceeds sram_bytes, so only here can it overflow
+            if self.sram_bytes is not None and used > self.sram_bytes:
+                raise SRAMOverflow(self._overflow_message(name, used))
             self.sram_peak_bytes = used
-            self.sram_peak_tiles = dict(self.held)
+            self.sram_peak_tiles = dict(held)
 
     def _overflow_message(self, name: str, used: int) -> str:
         """Which tiles overflowed SRAM, by how much, and block sizes that would fit."""
@@ -131,12 +137,8 @@ class MemoryModel:
     def free(self, *names: str) -> None:
         """Tiles ``names`` leave SRAM (names not held are ignored)."""
         for name in names:
-            self.held.pop(name, None)
+            self.sram_used_bytes -= self.held.pop(name, 0)
             self.held_tiles.pop(name, None)
-
-    @property
-    def sram_used_bytes(self) -> int:
-        return sum(self.held.values())
 
     # --- reports -----------------------------------------------------------------------------
     def traffic(self) -> Traffic:
