@@ -1,0 +1,57 @@
+"""The memory model's bookkeeping: traffic per tensor, SRAM occupancy, peak, overflow, summary."""
+
+import numpy as np
+import pytest
+
+import flashlab  # noqa: F401  (before numba)
+from flashlab.memory import MemoryModel, SRAMOverflow
+from flashlab.traffic import Traffic
+
+
+def test_reads_writes_counted_per_tensor_in_elements_and_bytes():
+    memory = MemoryModel()
+    memory.read("Q", np.ones((4, 8), np.float32))
+    memory.read("Q", np.ones((2, 8), np.float64))
+    memory.write("lse", np.ones(4, np.float32))
+    assert memory.traffic() == Traffic({"Q": 48}, {"lse": 4})
+    assert (memory.hbm_read_bytes, memory.hbm_write_bytes) == (32 * 4 + 16 * 8, 16)
+    assert memory.read_elements["K"] == 0 and "K" not in memory.read_elements  # nothing invented
+
+
+def test_hold_replaces_free_releases_and_the_peak_remembers_its_tiles():
+    memory = MemoryModel(sram_bytes=1000)
+    memory.hold("K", np.ones(100, np.float32))  # 400 B
+    memory.hold("S", 300)
+    memory.hold("S", 200)  # replaces the earlier S
+    assert memory.sram_used_bytes == 600 and memory.sram_peak_bytes == 700
+    assert memory.sram_peak_tiles == {"K": 400, "S": 300}
+    memory.free("S", "not held")
+    assert memory.held == {"K": 400} and memory.sram_used_bytes == 400
+    memory.hold("V", 600)  # exactly full is fine
+    with pytest.raises(SRAMOverflow, match=r"holding 'P'.*1100 B > sram_bytes=1000 B \(over by 100 B\)"):
+        memory.hold("P", 100)
+
+
+def test_overflow_without_matrix_tiles_still_says_what_to_do():
+    memory = MemoryModel(sram_bytes=10)
+    with pytest.raises(SRAMOverflow, match="Held: S 11 B. Use smaller block sizes"):
+        memory.hold("S", 11)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "64"])
+def test_sram_bytes_must_be_positive_integer(bad):
+    with pytest.raises((ValueError, TypeError), match="sram_bytes"):
+        MemoryModel(sram_bytes=bad)
+
+
+def test_summary_prices_elements_at_a_chosen_dtype():
+    memory = MemoryModel()
+    memory.read("K", np.ones((10, 4), np.float32))
+    memory.write("lse", np.ones(10, np.float32))
+    memory.hold("K", np.ones((10, 4), np.float32))
+    lines = memory.summary().splitlines()
+    assert lines[1].split() == ["K", "40", "0", "160", "0"]
+    assert lines[-1] == "SRAM peak 160 B as counted (K 160 B)"
+    fp16 = memory.summary(dtype_bytes=2, tensor_bytes={"lse": 4}).splitlines()
+    assert fp16[2].split() == ["lse", "0", "10", "0", "40"]
+    assert fp16[3].split() == ["total", "40", "10", "80", "40"]
