@@ -208,6 +208,20 @@ def merge(a: State, b: State) -> State:
     return State(m, l, o)
 
 
+def merge_in_any_order(states: list[State], rng: np.random.Generator, merge_fn=merge) -> State:
+    """Merge the states of disjoint key sets, joining two picked at random until one is left.
+
+    Every grouping and every order can come up; since :func:`merge` is associative and commutative,
+    the result is the state of all the keys (up to rounding) whichever comes up.
+    """
+    states = list(states)
+    while len(states) > 1:
+        i, j = sorted(rng.choice(len(states), size=2, replace=False))
+        b, a = states.pop(j), states.pop(i)
+        states.append(merge_fn(a, b))
+    return states[0]
+
+
 def empty_state(n_q_shape: tuple[int, ...], d_v: int, dtype=np.float64) -> State:
     """The state of no keys: ``m = -inf``, ``l = 0``, ``o = 0``; the identity of :func:`merge`."""
     return State(

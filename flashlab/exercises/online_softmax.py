@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashlab.check import Mistake, exercise, expect
-from flashlab.online_softmax import State, chunk_state, merge, online_update
+from flashlab.online_softmax import State, chunk_state, merge, merge_in_any_order, online_update
 
 EXP_LIMIT = {
     np.float32: float(np.log(np.finfo(np.float32).max)),
@@ -192,16 +192,6 @@ def _diagnose_merge(got: State, want: State, a: State, b: State, dtype) -> str:
     return f"{what} gave o = {got.o}, expected {want.o}"
 
 
-def _random_tree(fn, states: list[State], rng) -> State:
-    """Merge ``states`` by picking two at random (any order, any grouping) until one is left."""
-    states = list(states)
-    while len(states) > 1:
-        i, j = rng.choice(len(states), size=2, replace=False)
-        merged = _merged(fn, states[i], states[j])
-        states = [s for k, s in enumerate(states) if k not in (i, j)] + [merged]
-    return states[0]
-
-
 @exercise(
     "merge_states",
     chapter=1,
@@ -240,7 +230,8 @@ def check_merge_states(fn) -> None:
         bounds = [0, *cuts.tolist(), n_k]  # chunks may be empty
         chunks = [chunk_state(q, k[s:e], v[s:e]) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
         chunks = [State(c.m[0], c.l[0], c.o[0]) for c in chunks]  # one query: scalars m, l and a vector o
-        got, one_pass = _random_tree(fn, chunks, rng), chunk_state(q, k, v)
+        got = merge_in_any_order(chunks, rng, lambda a, b: _merged(fn, a, b))
+        one_pass = chunk_state(q, k, v)
         want = State(one_pass.m[0], one_pass.l[0], one_pass.o[0])
         expect(
             got.m == want.m and _close(got.l, want.l, np.float64) and _close(got.o, want.o, np.float64),
