@@ -8,7 +8,8 @@ The chapter goes from the study note's loop to FlashAttention's building block:
    count their memory reads and writes (3, 4 and 3 per element);
 3. :class:`State` and :func:`merge`: the partial result ``(m, l, o)`` of attention over some of the
    keys, and how two of them combine. :func:`chunk_state` folds the keys of a chunk one at a time
-   into a state; :func:`online_attention` is that fold over all keys.
+   into a state; :func:`online_attention` is that fold over all keys; :func:`merge_in_any_order`
+   combines the states of many chunks in a random grouping and order.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def naive_softmax(x, out=None):
 
     ``x``: 1-d float array (float32 stays float32). Pass 1 reads ``x`` to sum ``exp``; pass 2
     reads ``x`` again and writes ``y``. ``exp(x)`` is inf once ``x`` passes about 88 (float32)
-    or 709 (float64), and then ``inf / inf = nan``. Returns ``y`` (``out`` if given).
+    or 709 (float64), and then ``inf / inf = nan`` (all ``-inf`` gives ``0 / 0 = nan`` too).
+    Returns ``y`` (``out`` if given).
     """
     x, y = _vector(x, out)
     d = 0.0
