@@ -1,0 +1,474 @@
+"""numba.cuda FlashAttention forward kernels, from the simplest to the fast one.
+
+Every kernel here is the *source* of a CUDA kernel: a plain Python function that
+:func:`flashlab.gpu.flash_attention` hands to ``numba.cuda.jit`` (a real GPU, or numba's CUDA
+simulator), and that :mod:`flashlab.kernel_traffic` runs in the simulator over counting arrays.
+The same source runs in all three places.
+
+All kernels take the same arguments, float32, leading (batch, head) dims flattened into one:
+
+    q (BH, N_q, d), k (BH, N_k, d), v (BH, N_k, d)   inputs, C-contiguous
+    o (BH, N_q, d), lse (BH, N_q)                     outputs (lse = m + log l, natural log)
+    n_q, n_k (int), scale (float32), offset (int)     offset = N_k - N_q (bottom-right causal)
+
+The grid is the paper's outer loop: thread block ``(x, y)`` owns query rows
+``x*rows .. x*rows + rows - 1`` of head ``y`` (FlashAttention-2 order: each block keeps its
+rows' O, m, l on chip and walks over all key/value tiles). Shared memory is the paper's SRAM.
+
+1. :func:`rowwise_source`: one thread per query row; the block stages each K/V tile in shared
+   memory; each thread runs the online softmax key by key (two exps per key).
+2. :func:`tiled_source`: the block cooperates on a ``rows x keys`` tile of S in shared memory,
+   one thread per score; one thread per row updates m and l once per tile; O lives in shared memory.
+3. :func:`register_tiled_source`: each thread owns a ``tm x tn`` micro-tile of S and a
+   ``tm x d/g`` micro-tile of O in registers (compile-time sized local arrays), so every value it
+   reads from shared memory feeds ``tm`` or ``tn`` multiply-adds; causal tiles above the diagonal
+   are skipped. This is the fast one.
+
+Tile sizes are compile-time constants (the factories close over them and are cached), so numba
+can keep local arrays in registers and unroll the loops over them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, float32, uint64
+
+from flashlab.inputs import check_block
+
+HEAD_DIMS = (16, 32, 64, 128)
+KERNELS = ("rowwise", "tiled", "register_tiled")
+
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+NEG_INF = np.float32(-np.inf)
+LOG2E = np.float32(math.log2(math.e))  # exp(x) = exp2(x * log2(e))
+LN2 = np.float32(math.log(2.0))
+
+
+class KernelSpec(NamedTuple):
+    """One compiled-to-be kernel: its source and how to launch it.
+
+    Launch with ``grid = (ceil(N_q / rows), BH)``, ``block`` threads per block and
+    ``shared_bytes`` bytes of dynamic shared memory (0: the kernel declares static arrays).
+    """
+
+    name: str
+    d: int
+    causal: bool
+    source: Callable
+    rows: int
+    block: tuple
+    shared_bytes: int
+    tiles: tuple  # ((name, value), ...): the tile sizes this kernel was built with
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. rowwise: one thread per query row
+# --------------------------------------------------------------------------------------------------
+
+
+def rowwise_key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc):  # noqa: E741 (the paper's l)
+    """The inner loop's body for one key ``jj`` of the staged tile (one row of Algorithm 1, lines 9-12).
+
+    ``q_row (d,)`` and ``acc (d,)`` are this thread's registers, ``k_tile``/``v_tile (keys, d)``
+    the shared-memory tiles. Score ``s = scale * q . k_jj``; new max ``m' = max(m, s)``;
+    ``alpha = exp(m - m')`` rescales the old sum and accumulator; ``p = exp(s - m')`` weighs v_jj.
+    Returns the new ``(m, l)``; ``acc`` is updated in place.
+    """
+    s = float32(0.0)
+    for c in range(q_row.shape[0]):
+        s += q_row[c] * k_tile[jj, c]
+    s *= scale
+    m_new = max(m, s)
+    alpha = math.exp(m - m_new)
+    p = math.exp(s - m_new)
+    for c in range(acc.shape[0]):
+        acc[c] = acc[c] * alpha + p * v_tile[jj, c]
+    return m_new, l * alpha + p
+
+
+@lru_cache(maxsize=None)
+def rowwise_source(d: int, rows: int, keys: int, causal: bool, key_step: Callable = rowwise_key_step):
+    """Kernel 1: ``rows`` threads per block, one query row each; K/V staged ``keys`` rows at a time.
+
+    ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)`` is the inner loop's body
+    (on a GPU it must be a ``cuda.jit(device=True)`` function; in the simulator any Python function).
+    """
+    D, BR, BC = d, rows, keys
+
+    def rowwise(q, k, v, o, lse, n_q, n_k, scale, offset):
+        bh = cuda.blockIdx.y
+        r0 = cuda.blockIdx.x * BR
+        t = cuda.threadIdx.x
+        i = r0 + t  # this thread's query row
+        k_tile = cuda.shared.array((BC, D), float32)
+        v_tile = cuda.shared.array((BC, D), float32)
+        q_row = cuda.local.array(D, float32)
+        acc = cuda.local.array(D, float32)
+        for c in range(D):
+            q_row[c] = q[bh, i, c] if i < n_q else ZERO
+            acc[c] = ZERO
+        m = NEG_INF
+        l = ZERO  # noqa: E741
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if causal else n_k  # tiles past the diagonal: skipped
+        for j0 in range(0, n_keys, BC):
+            for e in range(t, BC * D, BR):  # the block loads the K/V tile together, coalesced
+                jj = e // D
+                c = e % D
+                if j0 + jj < n_k:
+                    k_tile[jj, c] = k[bh, j0 + jj, c]
+                    v_tile[jj, c] = v[bh, j0 + jj, c]
+            cuda.syncthreads()
+            stop = min(BC, n_k - j0) if i < n_q else 0
+            if causal:
+                stop = min(stop, i + offset + 1 - j0)  # keys this row may see
+            for jj in range(stop):
+                m, l = key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc)  # noqa: E741
+            cuda.syncthreads()
+        if i < n_q:
+            inv = ONE / l if l > ZERO else ZERO
+            for c in range(D):
+                o[bh, i, c] = acc[c] * inv
+            lse[bh, i] = m + math.log(l) if l > ZERO else NEG_INF
+
+    return rowwise
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. tiled: the block cooperates on a rows x keys tile of S
+# --------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def tiled_source(d: int, rows: int, keys: int, causal: bool):
+    """Kernel 2: a ``(keys, rows)`` thread block; thread ``(x, y)`` computes score ``S[y, x]``.
+
+    Per K/V tile: (a) every thread one score from the Q and K tiles in shared memory; (b) one
+    thread per row finds the tile's row max, rescales with ``alpha = exp(m_old - m_new)`` and
+    turns scores into ``P`` in place (FA2: O stays unnormalised); (c) the block updates the O tile,
+    ``O = alpha * O + P V``, in shared memory. O is divided by l once at the end.
+    """
+    D, BR, BC = d, rows, keys
+    T = BR * BC
+
+    def tiled(q, k, v, o, lse, n_q, n_k, scale, offset):
+        bh = cuda.blockIdx.y
+        r0 = cuda.blockIdx.x * BR
+        tx = cuda.threadIdx.x  # key column in the tile
+        ty = cuda.threadIdx.y  # query row in the tile
+        t = ty * BC + tx
+        q_tile = cuda.shared.array((BR, D), float32)
+        k_tile = cuda.shared.array((BC, D), float32)
+        v_tile = cuda.shared.array((BC, D), float32)
+        o_tile = cuda.shared.array((BR, D), float32)
+        s_tile = cuda.shared.array((BR, BC), float32)
+        m_row = cuda.shared.array(BR, float32)
+        l_row = cuda.shared.array(BR, float32)
+        alpha_row = cuda.shared.array(BR, float32)
+        for e in range(t, BR * D, T):
+            r = e // D
+            c = e % D
+            q_tile[r, c] = q[bh, r0 + r, c] if r0 + r < n_q else ZERO
+            o_tile[r, c] = ZERO
+        if tx == 0:
+            m_row[ty] = NEG_INF
+            l_row[ty] = ZERO
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if causal else n_k
+        for j0 in range(0, n_keys, BC):
+            for e in range(t, BC * D, T):
+                jj = e // D
+                c = e % D
+                inside = j0 + jj < n_k
+                k_tile[jj, c] = k[bh, j0 + jj, c] if inside else ZERO
+                v_tile[jj, c] = v[bh, j0 + jj, c] if inside else ZERO
+            cuda.syncthreads()
+            # (a) one score per thread
+            s = ZERO
+            for c in range(D):
+                s += q_tile[ty, c] * k_tile[tx, c]
+            j = j0 + tx
+            if j >= n_k or (causal and j > r0 + ty + offset):
+                s = NEG_INF
+            s_tile[ty, tx] = s * scale
+            cuda.syncthreads()
+            # (b) one thread per row: the online softmax for this tile
+            if tx == 0:
+                m_old = m_row[ty]
+                m_new = m_old
+                for jj in range(BC):
+                    m_new = max(m_new, s_tile[ty, jj])
+                m_use = ZERO if m_new == NEG_INF else m_new  # a fully masked row stays 0, never nan
+                alpha = math.exp(m_old - m_use)
+                total = ZERO
+                for jj in range(BC):
+                    p = math.exp(s_tile[ty, jj] - m_use)
+                    s_tile[ty, jj] = p
+                    total += p
+                m_row[ty] = m_new
+                l_row[ty] = l_row[ty] * alpha + total
+                alpha_row[ty] = alpha
+            cuda.syncthreads()
+            # (c) O = alpha * O + P V, every thread a few elements of the O tile
+            for e in range(t, BR * D, T):
+                r = e // D
+                c = e % D
+                acc = o_tile[r, c] * alpha_row[r]
+                for jj in range(BC):
+                    acc += s_tile[r, jj] * v_tile[jj, c]
+                o_tile[r, c] = acc
+            cuda.syncthreads()
+        for e in range(t, BR * D, T):
+            r = e // D
+            c = e % D
+            if r0 + r < n_q:
+                l = l_row[r]  # noqa: E741
+                o[bh, r0 + r, c] = o_tile[r, c] / l if l > ZERO else ZERO
+        if tx == 0 and r0 + ty < n_q:
+            l = l_row[ty]  # noqa: E741
+            lse[bh, r0 + ty] = m_row[ty] + math.log(l) if l > ZERO else NEG_INF
+
+    return tiled
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. register_tiled: micro-tiles of S and O in registers
+# --------------------------------------------------------------------------------------------------
+
+
+class RegisterLayout(NamedTuple):
+    """Where each tile of :func:`register_tiled_source` sits in its dynamic shared memory (floats).
+
+    ``Qt[c, r]`` (Q tile transposed, row stride ``rows + 1``), ``Kt[c, j]`` (K tile transposed,
+    stride ``keys + 1``), ``P[r, j]`` (stride ``keys + g``; it reuses Kt's space once S is done),
+    ``V[j, c]`` (stride d) and ``red[g, r]`` (per-thread partial row maxima and sums).
+    The paddings make every shared-memory access of a warp bank-conflict free.
+    """
+
+    qt: int
+    kt: int
+    ps: int
+    vs: int
+    red: int
+    floats: int
+    q_stride: int
+    k_stride: int
+    p_stride: int
+
+
+def register_layout(d: int, rows: int, keys: int, g: int) -> RegisterLayout:
+    q_stride, k_stride, p_stride = rows + 1, keys + 1, keys + g
+    kt = d * q_stride
+    vs = kt + max(d * k_stride, rows * p_stride)
+    red = vs + keys * d
+    return RegisterLayout(0, kt, kt, vs, red, red + g * rows, q_stride, k_stride, p_stride)
+
+
+@lru_cache(maxsize=None)
+def register_tiled_source(
+    d: int, rows: int, keys: int, tm: int, tn: int, g: int, causal: bool, unroll: int = 1
+):
+    """Kernel 3: ``(rows / tm) * g`` threads; thread ``(rg, cg) = divmod(tid, g)`` owns
+
+    - S rows ``rg + R*a`` (a < tm, R = rows/tm) by key columns ``cg + g*b`` (b < tn; keys = g*tn),
+    - O rows ``rg + R*a`` by head columns ``cg + g*b`` (b < d/g),
+    in registers. Strided ownership keeps every warp's shared-memory reads on distinct banks.
+    Per K/V tile: S = Q K^T from shared memory (each Q value read feeds tn FMAs, each K value tm),
+    scale by ``scale * log2(e)`` so that ``exp2`` is the exponential, mask (only in tiles that
+    cross the diagonal or the end of K), row max across the row's ``g`` threads through shared
+    memory, ``alpha``-rescale of O and l, P to shared memory, then O += P V. Row sums are
+    combined across threads only once, at the end (each thread keeps its columns' partial l).
+    ``unroll`` steps of the two inner loops are written out together, so the compiler can issue
+    the next step's shared-memory loads while this step's FMAs run.
+    Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index
+    wrap-around test it emits for signed indices (that test cost ~2x in speed, see the notebook).
+    """
+    D, BR, BC, TM, TN, G, UN = d, rows, keys, tm, tn, g, unroll
+    R = BR // TM  # row groups
+    TD = D // G  # O columns per thread
+    T = R * G  # threads per block
+    lay = register_layout(D, BR, BC, G)
+    QT, KT, PS, VS, RED = lay.qt, lay.kt, lay.ps, lay.vs, lay.red
+    QS, KS, PST = lay.q_stride, lay.k_stride, lay.p_stride
+    CAUSAL = causal
+
+    def register_tiled(q, k, v, o, lse, n_q, n_k, scale, offset):
+        smem = cuda.shared.array(0, float32)
+        s = cuda.local.array((TM, TN), float32)
+        acc = cuda.local.array((TM, TD), float32)
+        m_i = cuda.local.array(TM, float32)
+        l_i = cuda.local.array(TM, float32)
+        qf = cuda.local.array(TM, float32)
+        kf = cuda.local.array(TN, float32)
+        vf = cuda.local.array(TD, float32)
+        bh = cuda.blockIdx.y
+        r0 = cuda.blockIdx.x * BR
+        tid = cuda.threadIdx.x
+        rg = tid // G
+        cg = tid % G
+        scale2 = scale * LOG2E
+        for e in range(tid, BR * D, T):  # Q tile, loaded once, stored transposed
+            r = e // D
+            c = e % D
+            smem[uint64(QT + c * QS + r)] = q[bh, r0 + r, c] if r0 + r < n_q else ZERO
+        for a in range(TM):
+            m_i[a] = NEG_INF
+            l_i[a] = ZERO
+            for b in range(TD):
+                acc[a, b] = ZERO
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if CAUSAL else n_k  # skip tiles above the diagonal
+        for j0 in range(0, n_keys, BC):
+            for e in range(tid, BC * D, T):  # K tile (transposed) and V tile
+                jj = e // D
+                c = e % D
+                inside = j0 + jj < n_k
+                smem[uint64(KT + c * KS + jj)] = k[bh, j0 + jj, c] if inside else ZERO
+                smem[uint64(VS + jj * D + c)] = v[bh, j0 + jj, c] if inside else ZERO
+            cuda.syncthreads()
+            for a in range(TM):
+                for b in range(TN):
+                    s[a, b] = ZERO
+            for c0 in range(0, D, UN):  # S micro-tile = Q K^T: tm + tn shared reads feed tm * tn FMAs
+                for c in range(c0, c0 + UN):  # unrolled: the next step's loads overlap these FMAs
+                    for a in range(TM):
+                        qf[a] = smem[uint64(QT + c * QS + rg + R * a)]
+                    for b in range(TN):
+                        kf[b] = smem[uint64(KT + c * KS + cg + G * b)]
+                    for a in range(TM):
+                        for b in range(TN):
+                            s[a, b] += qf[a] * kf[b]
+            edge = j0 + BC > n_k or (CAUSAL and j0 + BC - 1 > r0 + offset)  # tile needs masking
+            for a in range(TM):
+                i = r0 + rg + R * a
+                mx = m_i[a]
+                for b in range(TN):
+                    x = s[a, b] * scale2
+                    if edge:
+                        j = j0 + cg + G * b
+                        if j >= n_k or (CAUSAL and j > i + offset):
+                            x = NEG_INF
+                    s[a, b] = x
+                    mx = max(mx, x)
+                smem[uint64(RED + cg * BR + rg + R * a)] = mx
+            cuda.syncthreads()  # partial maxima written; Kt no longer read (P may overwrite it)
+            for a in range(TM):
+                r = rg + R * a
+                mx = m_i[a]
+                for h in range(G):
+                    mx = max(mx, smem[uint64(RED + h * BR + r)])
+                m_use = ZERO if mx == NEG_INF else mx  # a fully masked row stays 0, never nan
+                alpha = math.exp2(m_i[a] - m_use)
+                m_i[a] = mx
+                l_i[a] *= alpha
+                for b in range(TD):
+                    acc[a, b] *= alpha
+                for b in range(TN):
+                    p = math.exp2(s[a, b] - m_use)
+                    l_i[a] += p
+                    smem[uint64(PS + r * PST + cg + G * b)] = p
+            cuda.syncthreads()
+            for j1 in range(0, BC, UN):  # O micro-tile += P V: tm + d/g shared reads feed tm * d/g FMAs
+                for jj in range(j1, j1 + UN):
+                    for a in range(TM):
+                        qf[a] = smem[uint64(PS + (rg + R * a) * PST + jj)]
+                    for b in range(TD):
+                        vf[b] = smem[uint64(VS + jj * D + cg + G * b)]
+                    for a in range(TM):
+                        for b in range(TD):
+                            acc[a, b] += qf[a] * vf[b]
+            cuda.syncthreads()
+        for a in range(TM):  # the row sum l: add the g partial sums of each row
+            smem[uint64(RED + cg * BR + rg + R * a)] = l_i[a]
+        cuda.syncthreads()
+        for a in range(TM):
+            r = rg + R * a
+            i = r0 + r
+            if i < n_q:
+                l = ZERO  # noqa: E741
+                for h in range(G):
+                    l += smem[uint64(RED + h * BR + r)]  # noqa: E741
+                inv = ONE / l if l > ZERO else ZERO
+                for b in range(TD):
+                    o[bh, i, cg + G * b] = acc[a, b] * inv
+                if cg == 0:
+                    lse[bh, i] = (m_i[a] + math.log2(l)) * LN2 if l > ZERO else NEG_INF
+
+    return register_tiled
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing tile sizes and building a KernelSpec
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_TILES = {
+    "rowwise": {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS},
+    "tiled": {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS},
+    "register_tiled": {
+        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+    },
+}
+
+STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a CUDA kernel may declare
+
+
+def _check_divides(what: str, big: int, big_name: str, small: int, small_name: str) -> None:
+    if big % small:
+        raise ValueError(f"{what}: {small_name}={small} must divide {big_name}={big}")
+
+
+def make_kernel(name: str, d: int, causal: bool = False, *, key_step: Callable | None = None, **tiles):
+    """The :class:`KernelSpec` of kernel ``name`` for head dim ``d`` (tiles default per d).
+
+    ``tiles``: ``rows``/``keys`` for rowwise and tiled; ``rows``, ``keys``, ``tm``, ``tn``, ``g``
+    for register_tiled (rows = tm * R, keys = g * tn, d divisible by g) and ``unroll`` (dividing
+    d and keys). ``key_step`` replaces
+    rowwise's inner-loop body (the chapter's exercise; the simulator runs any Python function).
+    """
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {name!r}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim d={d} is not supported by the kernels; supported: {HEAD_DIMS}")
+    known = DEFAULT_TILES[name][d]
+    unknown = set(tiles) - set(known)
+    if unknown:
+        raise ValueError(f"unknown tile parameter(s) {sorted(unknown)} for {name}; known: {sorted(known)}")
+    t = {key: check_block(key, tiles.get(key, value)) for key, value in known.items()}
+    causal = bool(causal)
+    if name == "rowwise":
+        if 2 * t["keys"] * d * 4 > STATIC_SHARED_LIMIT:
+            raise ValueError(f"rowwise: keys={t['keys']} with d={d} needs more than 48 KiB of shared memory")
+        src = rowwise_source(d, t["rows"], t["keys"], causal, key_step or rowwise_key_step)
+        return KernelSpec(name, d, causal, src, t["rows"], (t["rows"],), 0, tuple(t.items()))
+    if key_step is not None:
+        raise ValueError("key_step replaces the inner loop of the rowwise kernel only")
+    if name == "tiled":
+        if t["rows"] * t["keys"] > 1024:
+            raise ValueError(f"tiled: rows*keys={t['rows'] * t['keys']} threads > 1024 per block")
+        floats = (2 * t["rows"] + 2 * t["keys"]) * d + t["rows"] * t["keys"] + 3 * t["rows"]
+        if 4 * floats > STATIC_SHARED_LIMIT:
+            raise ValueError(f"tiled: tiles rows={t['rows']}, keys={t['keys']} need > 48 KiB shared memory")
+        src = tiled_source(d, t["rows"], t["keys"], causal)
+        return KernelSpec(name, d, causal, src, t["rows"], (t["keys"], t["rows"]), 0, tuple(t.items()))
+    rows, keys, tm, tn, g, unroll = t["rows"], t["keys"], t["tm"], t["tn"], t["g"], t["unroll"]
+    _check_divides("register_tiled", rows, "rows", tm, "tm")
+    _check_divides("register_tiled", d, "d", g, "g")
+    _check_divides("register_tiled", d, "d", unroll, "unroll")
+    _check_divides("register_tiled", keys, "keys", unroll, "unroll")
+    if keys != g * tn:
+        raise ValueError(f"register_tiled: keys={keys} must equal g*tn={g * tn}")
+    threads = rows // tm * g
+    if threads > 1024:
+        raise ValueError(f"register_tiled: (rows/tm)*g = {threads} threads > 1024 per block")
+    src = register_tiled_source(d, rows, keys, tm, tn, g, causal, unroll)
+    shared = 4 * register_layout(d, rows, keys, g).floats
+    return KernelSpec(name, d, causal, src, rows, (threads,), shared, tuple(t.items()))
