@@ -10,7 +10,7 @@ so keep N to a few tiles there.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from numba import cuda
@@ -44,7 +44,7 @@ def _announce() -> None:
         _announced = True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _device_key_step():
     return cuda.jit(device=True)(rowwise_key_step)
 
@@ -57,7 +57,7 @@ def kernel_spec(name: str, d: int, causal: bool, tiles: dict | None = None) -> K
     return make_kernel(name, d, causal, **tiles)
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled(spec: KernelSpec):
     """``spec.source`` compiled by ``numba.cuda.jit`` (fast math: ``exp``/``exp2`` by the SFU)."""
     if device.MODE != "gpu":

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -92,7 +92,7 @@ def rowwise_key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc):  # noqa: E741
     return m_new, l * alpha + p
 
 
-@lru_cache(maxsize=None)
+@cache
 def rowwise_source(d: int, rows: int, keys: int, causal: bool, key_step: Callable = rowwise_key_step):
     """Kernel 1: ``rows`` threads per block, one query row each; K/V staged ``keys`` rows at a time.
 
@@ -145,7 +145,7 @@ def rowwise_source(d: int, rows: int, keys: int, causal: bool, key_step: Callabl
 # --------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiled_source(d: int, rows: int, keys: int, causal: bool):
     """Kernel 2: a ``(keys, rows)`` thread block; thread ``(x, y)`` computes score ``S[y, x]``.
 
@@ -270,7 +270,7 @@ def register_layout(d: int, rows: int, keys: int, g: int) -> RegisterLayout:
     return RegisterLayout(0, kt, kt, vs, red, red + g * rows, q_stride, k_stride, p_stride)
 
 
-@lru_cache(maxsize=None)
+@cache
 def register_tiled_source(
     d: int, rows: int, keys: int, tm: int, tn: int, g: int, causal: bool, unroll: int = 1
 ):
