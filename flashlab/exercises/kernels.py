@@ -1,0 +1,122 @@
+"""Chapter 4 exercise: the inner loop of the ``rowwise`` kernel, checked in the CUDA simulator.
+
+The learner writes ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)``: the body
+of the kernel's loop over the keys of one staged K/V tile (score, online-softmax update,
+accumulate). The checker builds the real ``rowwise`` kernel around it
+(:func:`flashlab.kernels.make_kernel` with ``key_step=``), runs it in numba's simulator on cases
+that catch the usual mistakes, and compares with :func:`flashlab.naive_attention`. The solution is
+the course's own :func:`flashlab.kernels.rowwise_key_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from flashlab.attention import naive_attention
+from flashlab.check import Mistake, exercise, expect
+from flashlab.kernel_traffic import simulate
+from flashlab.kernels import make_kernel, rowwise_key_step
+
+D = 16
+TILES = {"rows": 4, "keys": 4}
+
+
+def run_rowwise(key_step, q, k, v, *, causal=False, scale=None):
+    """``rowwise`` with ``key_step`` as its inner loop, in the simulator: ``(o, lse)`` for 2-d q, k, v."""
+    n_q, n_k = q.shape[0], k.shape[0]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    spec = make_kernel("rowwise", D, causal, key_step=key_step, **TILES)
+    o = np.full((1, n_q, D), np.nan, np.float32)
+    lse = np.full((1, n_q), np.nan, np.float32)
+    q3, k3, v3 = (np.ascontiguousarray(x[None], np.float32) for x in (q, k, v))
+    with warnings.catch_warnings():  # simulated threads: NumPy's errstate would not reach them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            simulate(
+                spec.source,
+                (math.ceil(n_q / spec.rows), 1),
+                spec.block,
+                (q3, k3, v3, o, lse, n_q, n_k, np.float32(scale), n_k - n_q),
+            )
+        except OverflowError:
+            raise Mistake(
+                "OverflowError inside the kernel: exp of a large score overflows. Subtract the running "
+                "max: p = exp(s - m_new) and alpha = exp(m - m_new) with m_new = max(m, s)"
+            ) from None
+    return o[0], lse[0]
+
+
+def _ramp(n_k: int, rising: bool, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query whose scores against the keys rise (or fall) key after key."""
+    q = np.zeros((1, D), np.float32)
+    q[0, 0] = 1.0
+    k = rng.standard_normal((n_k, D)).astype(np.float32) * 0.1
+    k[:, 0] = np.arange(n_k) * (1.0 if rising else -1.0)
+    v = rng.standard_normal((n_k, D)).astype(np.float32)
+    return q, k, v
+
+
+def _wrong(o, lse, q, k, v, causal=False, scale=None) -> bool:
+    want_o, want_lse = naive_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    finite = np.isfinite(want_lse)
+    if not (np.all(np.isfinite(o)) and np.array_equal(np.isfinite(lse), finite)):
+        return True
+    return not (np.allclose(o, want_o, atol=1e-4) and np.allclose(lse[finite], want_lse[finite], atol=1e-4))
+
+
+def _check_rowwise_step(key_step) -> None:
+    rng = np.random.default_rng(4)
+    # 1. huge logits: exp must never see a raw score
+    q = rng.standard_normal((5, D)).astype(np.float32) * 30
+    k = rng.standard_normal((7, D)).astype(np.float32) * 30
+    v = rng.standard_normal((7, D)).astype(np.float32)
+    o, lse = run_rowwise(key_step, q, k, v)
+    expect(
+        np.all(np.isfinite(o)),
+        "with large scores (about 1e3) the output is not finite: exp overflowed. Use exp(s - m_new) "
+        "and exp(m - m_new) with m_new = max(m, s), never exp(s)",
+    )
+    # 2. falling scores: the first key holds the max, so no rescaling is needed yet
+    q, k, v = _ramp(7, rising=False, rng=rng)
+    o, lse = run_rowwise(key_step, q, k, v, scale=0.5)
+    if _wrong(o, lse, q, k, v, scale=0.5):
+        expect(
+            _wrong(o, lse, q, k, v, scale=1.0),
+            "the answer ignores `scale`: the score is s = scale * (q . k), before the max and the exp",
+        )
+        raise Mistake(
+            "wrong even when the scores fall (the max never changes after the first key): check the "
+            "score s = scale * sum_c q_row[c] * k_tile[jj, c], p = exp(s - m_new), "
+            "l = l * alpha + p and acc[c] = acc[c] * alpha + p * v_tile[jj, c]"
+        )
+    # 3. rising scores: every key raises the max, so the old l and acc must shrink by alpha
+    q, k, v = _ramp(7, rising=True, rng=rng)
+    o, lse = run_rowwise(key_step, q, k, v, scale=0.5)
+    expect(
+        not _wrong(o, lse, q, k, v, scale=0.5),
+        "right when the max stays put but wrong when it grows: when m_new > m, multiply the old sum l "
+        "AND every acc[c] by alpha = exp(m - m_new) before adding the new key's p and p * v",
+    )
+    # 4. random scale, causal with N_q != N_k, ragged tiles: the whole kernel around your step
+    for n_q, n_k in ((6, 9), (9, 6)):
+        q = rng.standard_normal((n_q, D)).astype(np.float32)
+        k = rng.standard_normal((n_k, D)).astype(np.float32)
+        v = rng.standard_normal((n_k, D)).astype(np.float32)
+        for causal in (False, True):
+            o, lse = run_rowwise(key_step, q, k, v, causal=causal, scale=0.3)
+            expect(
+                not _wrong(o, lse, q, k, v, causal=causal, scale=0.3),
+                f"wrong on a random case (N_q={n_q}, N_k={n_k}, causal={causal}, scale=0.3) "
+                "although the ramps pass: does your step use only key jj, and return (m_new, l_new)?",
+            )
+
+
+exercise(
+    "rowwise_inner_loop",
+    chapter=4,
+    title="the rowwise kernel's inner loop (one key: score, online softmax, accumulate)",
+    solution=rowwise_key_step,
+)(_check_rowwise_step)
