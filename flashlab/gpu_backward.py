@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from flashlab import device
 from flashlab.backward import check_saved, gradients_to_inputs
 from flashlab.inputs import attention_inputs, causal_offset, check_scale
 from flashlab.kernels_backward import (
@@ -91,6 +92,11 @@ def _backward_torch(q, k, v, o, lse, do, *, causal, scale):
     """The device path for torch CUDA tensors: checks, then :func:`launch` on views of them."""
     import torch
 
+    if device.MODE != "gpu":
+        raise RuntimeError(
+            "torch CUDA tensors were given but kernels run in the simulator (FLASHLAB_DEVICE=sim); "
+            "pass NumPy arrays, or restart without FLASHLAB_DEVICE=sim"
+        )
     d = q.shape[-1]
     _check_head_dims(d, v.shape[-1])
     lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
@@ -105,7 +111,7 @@ def _backward_torch(q, k, v, o, lse, do, *, causal, scale):
                 f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}"
             )
     n_b = math.prod(lead)
-    ins = [x.contiguous().reshape((n_b,) + tuple(x.shape[len(lead) :])) for x in (q, k, v, o, lse, do)]
+    ins = [x.detach().contiguous().reshape((n_b, *x.shape[len(lead) :])) for x in (q, k, v, o, lse, do)]
     outs = [torch.empty_like(ins[i]) for i in (4, 0, 1, 2)]  # delta, dq, dk, dv
     launch(*map(cuda.as_cuda_array, ins + outs), scale=check_scale(scale, d), causal=causal)
     return tuple(g.reshape(x.shape) for g, x in zip(outs[1:], (q, k, v), strict=True))
