@@ -74,6 +74,21 @@ def preprocess_kernel(o, do, delta, dq):
             dq[b, i, c] = 0
 
 
+@cuda.jit(device=True)
+def load_rows(dst_a, dst_b, src_a, src_b, b, row0, n, cols, t, threads):
+    """Stage rows ``row0 ..`` of ``src_a[b]``, ``src_b[b]`` (``cols`` columns) in shared ``dst_a``, ``dst_b``.
+
+    The ``threads`` threads of the block split the elements, consecutive threads taking consecutive
+    columns (coalesced reads); rows at or past ``n`` are filled with zeros.
+    """
+    for e in range(t, dst_a.shape[0] * cols, threads):
+        r = e // cols
+        c = e - r * cols
+        inside = row0 + r < n
+        dst_a[r, c] = src_a[b, row0 + r, c] if inside else float32(0)
+        dst_b[r, c] = src_b[b, row0 + r, c] if inside else float32(0)
+
+
 @cache
 def backward_kernel(d: int):
     """The backward kernel for head dim ``d`` (tile sizes and local arrays are compile-time constants).
@@ -105,13 +120,7 @@ def backward_kernel(d: int):
         dk_acc = cuda.local.array(d, float32)
         dv_acc = cuda.local.array(d, float32)
 
-        # Line 7: load K_j, V_j (coalesced: consecutive threads, consecutive columns); rows past N_k = 0.
-        for e in range(t, b_c * d, b_c):
-            r = e // d
-            c = e - r * d
-            inside = j0 + r < n_k
-            k_s[r, c] = k[b, j0 + r, c] if inside else float32(0)
-            v_s[r, c] = v[b, j0 + r, c] if inside else float32(0)
+        load_rows(k_s, v_s, k, v, b, j0, n_k, d, t, b_c)  # line 7: load K_j, V_j
         for c in range(d):  # line 8: dK_j = dV_j = 0 on chip
             dk_acc[c] = 0
             dv_acc[c] = 0
@@ -122,12 +131,7 @@ def backward_kernel(d: int):
         for i0 in range(first_row, n_q, b_r):  # line 9
             cuda.syncthreads()  # the previous tile's dQ step has finished with q_s, ds_s
             # Line 10: load Q_i, dO_i, lse_i, D_i (dQ_i is read-modify-written by the atomics).
-            for e in range(t, b_r * d, b_c):
-                r = e // d
-                c = e - r * d
-                inside = i0 + r < n_q
-                q_s[r, c] = q[b, i0 + r, c] if inside else float32(0)
-                do_s[r, c] = do[b, i0 + r, c] if inside else float32(0)
+            load_rows(q_s, do_s, q, do, b, i0, n_q, d, t, b_c)
             for r in range(t, b_r, b_c):
                 inside = i0 + r < n_q
                 lse_s[r] = lse[b, i0 + r] if inside else float32(0)
