@@ -42,7 +42,8 @@ def _counted(alg, n, d, block_q, block_k, causal, sram_bytes=None):
     if alg == "standard":
         naive_attention(q, k, v, causal=causal, memory=memory)
     else:
-        flash_attention(q, k, v, block_q=block_q, block_k=block_k, causal=causal, loop_order=alg, memory=memory)
+        kw = dict(block_q=block_q, block_k=block_k, causal=causal, loop_order=alg)
+        flash_attention(q, k, v, memory=memory, **kw)
     return memory
 
 
@@ -84,7 +85,8 @@ def test_tile_grid_image_shows_computed_and_skipped_tiles(p):
     assert view.grid_image.get_extent() == [0, t_c * p["block_k"], t_r * p["block_q"], 0]
     assert view.ax_grid.get_xlim() == (0, p["n"]) and view.ax_grid.get_ylim() == (p["n"], 0)
     title = view.ax_grid.get_title()
-    assert f"{t_r} x {t_c} tiles" in title and f"{int(grid.sum())} computed, {int((~grid).sum())} skipped" in title
+    assert f"{t_r} x {t_c} tiles" in title
+    assert f"{int(grid.sum())} computed, {int((~grid).sum())} skipped" in title
 
 
 def test_large_tile_grids_are_drawn_with_a_stride_but_counted_exactly():
@@ -203,7 +205,8 @@ examples = st.builds(
 def test_steps_follow_the_schedule_and_end_exact(ex, loop_order, causal):
     run = W.run_steps(ex, loop_order, causal)
     n_q, n_k = len(ex.q), len(ex.k)
-    assert [(s.i, s.j) for s in run.trace] == visit_order(n_q, n_k, ex.block_q, ex.block_k, causal, loop_order)
+    schedule = visit_order(n_q, n_k, ex.block_q, ex.block_k, causal, loop_order)
+    assert [(s.i, s.j) for s in run.trace] == schedule
     exact = W.exact_rows(ex, causal)
     seen = np.isfinite(exact.m)  # rows with no visible key (causal, N_q > N_k) keep no state
     assert_close(run.o[-1][seen], exact.o[seen], np.float64, "final partial O")
