@@ -189,3 +189,18 @@ def shared_per_fma(traffic: KernelTraffic, n_q: int, n_k: int, d: int, *, batch:
     multiply-adds needs fewer shared-memory reads per multiply-add.
     """
     return traffic.shared_reads / (2 * n_q * n_k * d * batch)
+
+
+def register_tiled_shared_reads(n_q: int, n_k: int, d: int, tiles: dict, *, batch: int = 1) -> int:
+    """Predicted shared-memory element reads of ``register_tiled`` without a mask, from its loops.
+
+    Each of the ``T = (rows / tm) g`` threads of a block, per K/V tile: ``d (tm + tn)`` reads for
+    S (a tm-column of Q and a tn-row of K per step of the dot product), ``tm g`` for the row maxima,
+    ``keys (tm + d/g)`` for O += P V; at the end each of the ``g`` threads of a row reads the row's
+    ``g`` partial sums, for the ``N_q`` rows that exist.
+    """
+    rows, keys, tm, tn, g = (tiles[name] for name in ("rows", "keys", "tm", "tn", "g"))
+    threads = rows // tm * g
+    per_tile = d * (tm + tn) + tm * g + keys * (tm + d // g)
+    t_r, t_c = math.ceil(n_q / rows), math.ceil(n_k / keys)
+    return batch * (t_r * t_c * threads * per_tile + n_q * g * g)
