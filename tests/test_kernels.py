@@ -131,7 +131,7 @@ def test_counted_kernel_traffic_equals_the_model(kernel, causal, n_q, n_k):
 @pytest.mark.parametrize("n_q, n_k", [(32, 32), (40, 20)])
 def test_register_tiling_reads_shared_memory_less_per_fma(n_q, n_k):
     q, k, v = _inputs(n_q, n_k, 32, seed=1, lead=(1,))
-    tiles = {"rows": 32, "keys": 16, "tm": 4, "tn": 2, "g": 8}
+    tiles = {"rows": 32, "keys": 16, "tm": 4, "tn": 4, "g": 4}
     row, _, _ = kernel_traffic.count_traffic(q, k, v, kernel="rowwise", tiles={"rows": 32, "keys": 16})
     reg, _, _ = kernel_traffic.count_traffic(q, k, v, kernel="register_tiled", tiles=tiles)
     assert reg.shared_reads == kernel_traffic.register_tiled_shared_reads(n_q, n_k, 32, tiles)
@@ -140,7 +140,7 @@ def test_register_tiling_reads_shared_memory_less_per_fma(n_q, n_k):
     }
     assert per_fma["row"] == pytest.approx(1.0)  # every multiply-add reads one K or V element
     if n_q % 32 == 0 and n_k % 16 == 0:  # ragged edges compute padded tiles: reads without useful FMAs
-        assert per_fma["reg"] < 0.6 * per_fma["row"]
+        assert per_fma["reg"] < 0.5 * per_fma["row"]
 
 
 # --- the exercise ----------------------------------------------------------------------------------
