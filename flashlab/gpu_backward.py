@@ -20,6 +20,7 @@ from flashlab.kernels_backward import (
     BLOCK_K,
     HEAD_DIMS,
     PREPROCESS_THREADS,
+    WARPS,
     backward_kernel,
     preprocess_kernel,
 )
@@ -48,7 +49,7 @@ def launch(q, k, v, o, lse, do, delta, dq, dk, dv, *, scale: float, causal: bool
         preprocess_kernel[(math.ceil(n_q / PREPROCESS_THREADS), n_b), PREPROCESS_THREADS](o, do, delta, dq)
     if n_k:
         grid = (math.ceil(n_k / BLOCK_K), n_b)
-        backward_kernel(d)[grid, BLOCK_K](
+        backward_kernel(d)[grid, (BLOCK_K, WARPS)](
             q, k, v, do, lse, delta, dq, dk, dv, np.float32(scale), causal_offset(n_q, n_k), bool(causal)
         )
 

@@ -5,9 +5,12 @@ Two kernels, as in FlashAttention-2:
 1. :func:`preprocess_kernel`, one thread per query row: ``D_i = rowsum(dO_i * O_i)`` (the pre-pass of
    :func:`flashlab.backward.row_dot`) and ``dQ_i = 0`` (Algorithm 4, line 5).
 2. :func:`backward_kernel` (one compiled kernel per head dim ``d``): **one thread block per K/V block**
-   ``j`` of ``BLOCK_K`` keys, one thread per key. The grid is the outer loop of Algorithm 4
-   (line 6); each block walks the Q blocks (line 9) and keeps ``dK_j, dV_j`` on chip, each thread
-   its own row in local memory (line 8), written once at the end (line 24).
+   ``j`` of ``BLOCK_K`` keys. The grid is the outer loop of Algorithm 4 (line 6); each block walks
+   the Q blocks (line 9) and keeps ``dK_j, dV_j`` on chip (line 8), written once at the end (line 24).
+   The block has ``WARPS`` warps of ``BLOCK_K`` threads: thread ``(t, w)`` owns key ``t`` and the
+   query rows ``w, w + WARPS, ...`` of each Q tile, and accumulates its share of that key's
+   ``dK_j, dV_j`` rows in local memory; at the end the warps' shares are summed in shared memory.
+   (One warp per block would do, but then an SM has too few warps to hide memory latency.)
 
 **dQ by atomic adds.** ``dQ_i = sum_j scale dS_ij K_j`` sums over *all* K/V blocks, i.e. over thread
 blocks that run at the same time. Two ways to get it:
@@ -23,12 +26,12 @@ and the order in which blocks add is not fixed, so dQ can differ between two run
 (about 1e-7 relative in float32); dK and dV are deterministic.
 
 Per tile ``(i, j)`` (lines 10-22 of Algorithm 4, with FlashAttention-2's ``lse`` and ``D``):
-Q_i and dO_i (``B_r x d``), ``lse_i`` and ``D_i`` are staged in shared memory; thread ``t`` computes
-its column of ``S`` and ``dP`` against its key ``K_j[t]``, ``V_j[t]`` (held in shared memory, rows
-padded by one float so that 32 threads reading 32 different rows hit 32 different banks), then
-``P = exp(S - lse)``, ``dS = P * (dP - D)``, updates its ``dV_j[t] += P[:, t]^T dO_i`` and
-``dK_j[t] += dS[:, t]^T Q_i``, and stores its column of ``dS`` in shared memory; after a barrier the
-block computes ``dS K_j`` (``B_r x d``) cooperatively and adds it into dQ.
+Q_i and dO_i (``B_r x d``), ``lse_i`` and ``D_i`` are staged in shared memory; for each of its rows
+``r``, thread ``(t, w)`` computes ``S[r, t]`` and ``dP[r, t]`` against its key ``K_j[t]``, ``V_j[t]``
+(held in shared memory, rows padded by one float so that 32 threads reading 32 different rows hit 32
+different banks), then ``P = exp(S - lse)``, ``dS = P * (dP - D)``, adds ``P[r, t] dO_i[r]`` to its
+``dV_j[t]`` and ``dS[r, t] Q_i[r]`` to its ``dK_j[t]``, and stores ``dS[r, t]`` in shared memory;
+after a barrier the block computes ``dS K_j`` (``B_r x d``) cooperatively and adds it into dQ.
 
 Shared memory is ``4 (2 B_c (d + 1) + 2 B_r d + B_r B_c + 2 B_r)`` bytes; ``B_r`` per ``d`` keeps it
 under the 48 KiB a numba kernel may declare statically (:data:`BLOCK_Q`).
@@ -46,7 +49,8 @@ from numba import cuda, float32
 
 from flashlab.kernels import HEAD_DIMS
 
-BLOCK_K = 32  # B_c: keys per thread block = threads per block (one warp)
+BLOCK_K = 32  # B_c: keys per thread block = threads per warp
+WARPS = 4  # warps per thread block; they split each Q tile's rows
 BLOCK_Q = {16: 64, 32: 64, 64: 32, 128: 8}  # B_r per head dim d (HEAD_DIMS): shared memory <= 48 KiB
 PREPROCESS_THREADS = 128
 
@@ -93,7 +97,7 @@ def load_rows(dst_a, dst_b, src_a, src_b, b, row0, n, cols, t, threads):
 def backward_kernel(d: int):
     """The backward kernel for head dim ``d`` (tile sizes and local arrays are compile-time constants).
 
-    Launch: grid ``(ceil(N_k / BLOCK_K), B)``, ``BLOCK_K`` threads. Arguments:
+    Launch: grid ``(ceil(N_k / BLOCK_K), B)``, block ``(BLOCK_K, WARPS)`` threads. Arguments:
     ``q, do, dq (B, N_q, d)``; ``k, v, dk, dv (B, N_k, d)``; ``lse, delta (B, N_q)``, all float32;
     ``scale`` (float32), ``offset = N_k - N_q`` (bottom-right causal: query i sees key j iff
     ``j <= i + offset``), ``causal`` (bool). ``dq`` must hold zeros (see :func:`preprocess_kernel`).
@@ -102,11 +106,13 @@ def backward_kernel(d: int):
         raise ValueError(f"d must be one of {HEAD_DIMS} for the backward kernel, got {d}")
     b_r, b_c = BLOCK_Q[d], BLOCK_K
     row = d + 1  # K_j, V_j rows padded by one float: no shared-memory bank conflicts (see the module doc)
+    threads = b_c * WARPS
 
     @cuda.jit(fastmath=True)  # exp by the special-function unit (about 1e-6 relative error)
     def kernel(q, k, v, do, lse, delta, dq, dk, dv, scale, offset, causal):
         b = cuda.blockIdx.y
-        t = cuda.threadIdx.x
+        t, w = cuda.threadIdx.x, cuda.threadIdx.y  # key t of the block; rows w, w + WARPS, ... of a tile
+        tid = w * b_c + t
         j0 = cuda.blockIdx.x * b_c
         j = j0 + t  # this thread's key
         n_q, n_k = q.shape[1], k.shape[1]
@@ -120,7 +126,7 @@ def backward_kernel(d: int):
         dk_acc = cuda.local.array(d, float32)
         dv_acc = cuda.local.array(d, float32)
 
-        load_rows(k_s, v_s, k, v, b, j0, n_k, d, t, b_c)  # line 7: load K_j, V_j
+        load_rows(k_s, v_s, k, v, b, j0, n_k, d, tid, threads)  # line 7: load K_j, V_j
         for c in range(d):  # line 8: dK_j = dV_j = 0 on chip
             dk_acc[c] = 0
             dv_acc[c] = 0
@@ -131,13 +137,13 @@ def backward_kernel(d: int):
         for i0 in range(first_row, n_q, b_r):  # line 9
             cuda.syncthreads()  # the previous tile's dQ step has finished with q_s, ds_s
             # Line 10: load Q_i, dO_i, lse_i, D_i (dQ_i is read-modify-written by the atomics).
-            load_rows(q_s, do_s, q, do, b, i0, n_q, d, t, b_c)
-            for r in range(t, b_r, b_c):
+            load_rows(q_s, do_s, q, do, b, i0, n_q, d, tid, threads)
+            for r in range(tid, b_r, threads):
                 inside = i0 + r < n_q
                 lse_s[r] = lse[b, i0 + r] if inside else float32(0)
                 d_s[r] = delta[b, i0 + r] if inside else float32(0)
             cuda.syncthreads()
-            for r in range(b_r):
+            for r in range(w, b_r, WARPS):
                 i = i0 + r
                 ds = float32(0)
                 if i < n_q and j < n_k and (not causal or j <= i + offset):  # line 12: mask
@@ -154,7 +160,7 @@ def backward_kernel(d: int):
                 ds_s[r, t] = ds
             cuda.syncthreads()
             # Line 21: dQ_i += scale dS K_j, one atomic add per element of the B_r x d tile.
-            for e in range(t, b_r * d, b_c):
+            for e in range(tid, b_r * d, threads):
                 r = e // d
                 c = e - r * d
                 if i0 + r < n_q:
@@ -162,9 +168,20 @@ def backward_kernel(d: int):
                     for u in range(b_c):
                         acc += ds_s[r, u] * k_s[u, c]
                     cuda.atomic.add(dq, (b, i0 + r, c), scale * acc)
-        if j < n_k:  # line 24: write dK_j, dV_j
-            for c in range(d):
-                dk[b, j, c] = scale * dk_acc[c]
-                dv[b, j, c] = dv_acc[c]
+        # Sum the warps' shares of dK_j, dV_j in shared memory (K_j, V_j are no longer needed), one
+        # warp after the other, then write dK_j, dV_j (line 24), coalesced.
+        for phase in range(WARPS):
+            cuda.syncthreads()
+            if w == phase:
+                for c in range(d):
+                    k_s[t, c] = dk_acc[c] + (k_s[t, c] if phase > 0 else float32(0))
+                    v_s[t, c] = dv_acc[c] + (v_s[t, c] if phase > 0 else float32(0))
+        cuda.syncthreads()
+        for e in range(tid, b_c * d, threads):
+            r = e // d
+            c = e - r * d
+            if j0 + r < n_k:
+                dk[b, j0 + r, c] = scale * k_s[r, c]
+                dv[b, j0 + r, c] = v_s[r, c]
 
     return kernel

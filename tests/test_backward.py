@@ -280,10 +280,19 @@ def test_torch_bridge_rejects_arrays():
 # --- the numba.cuda kernel (simulator here) ------------------------------------------------------
 @pytest.mark.parametrize(
     "n_q, n_k, d, causal",
-    [(40, 45, 16, True), (45, 40, 16, True), (20, 70, 32, False), (1, 33, 16, True), (33, 1, 16, False)],
+    [
+        (40, 45, 16, True),
+        (45, 40, 16, True),
+        (20, 70, 32, False),
+        (1, 33, 16, True),
+        (33, 1, 16, False),
+        (12, 40, 64, True),
+        (9, 33, 128, False),
+    ],
 )
 def test_kernel_equals_numpy_backward(n_q, n_k, d, causal):
-    """Ragged (N not a multiple of the tiles), N smaller than a tile, N_q != N_k, fully masked rows."""
+    """Ragged (N not a multiple of the tiles), N smaller than a tile, N_q != N_k, fully masked rows,
+    every head dim's tile shape."""
     rng = np.random.default_rng(n_q + n_k + d)
     q, do = (rng.standard_normal((1, 2, n_q, d)).astype(np.float32) for _ in range(2))
     k, v = (rng.standard_normal((1, 2, n_k, d)).astype(np.float32) for _ in range(2))
