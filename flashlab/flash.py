@@ -22,6 +22,8 @@ is the algorithm itself. Counting conventions (chapter 3's closed forms rely on 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -71,6 +73,7 @@ def flash_attention(
     return_lse=False,
     memory=None,
     trace=None,
+    workers=1,
 ):
     """Exact softmax attention computed tile by tile (FlashAttention forward).
 
@@ -84,12 +87,16 @@ def flash_attention(
     O on chip, divided by l once; only lse written).
     ``memory``: optional :class:`flashlab.memory.MemoryModel` counting HBM traffic and SRAM tiles.
     ``trace``: optional list; every tile visit appends a :class:`TileStep` (skipped tiles too).
+    ``workers``: FA2 only: run the independent query blocks on this many threads (the
+    parallelism FlashAttention-2 uses across thread blocks). The result is the same; BLAS's own
+    threads compete with these, so limit them to one (e.g. with ``threadpoolctl``) when timing.
 
     Returns ``o (..., N_q, d_v)`` or ``(o, lse)`` with ``lse (..., N_q)`` in the compute dtype.
     """
     a = attention_inputs(q, k, v, scale)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    run = _fa1 if check_loop_order(loop_order) == "fa1" else _fa2
+    workers = _check_workers(workers, check_loop_order(loop_order), memory, trace)
+    run = _fa1 if loop_order == "fa1" else partial(_fa2, workers=workers)
     batch = a.q.shape[:-2]
     n_q, d_v = a.q.shape[-2], a.v.shape[-1]
     # Leading dims flattened to one batch axis B: every tile op below is one call over all of B.
@@ -97,6 +104,22 @@ def flash_attention(
     o, lse = run(q3, k3, v3, a.scale, block_q, block_k, causal, memory, trace, batch)
     o = o.reshape(batch + (n_q, d_v)).astype(a.out_dtype, copy=False)
     return (o, lse.reshape(batch + (n_q,))) if return_lse else o
+
+
+def _check_workers(workers, loop_order, memory, trace) -> int:
+    """A positive thread count; more than one only for FA2 without ``memory`` or ``trace``."""
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer (threads over query blocks), got {workers!r}")
+    if workers > 1 and loop_order == "fa1":
+        raise ValueError(
+            "workers > 1 needs loop_order='fa2': FA1's inner loop updates every O_i for each key block, "
+            "so its steps depend on each other; FA2's query blocks do not"
+        )
+    if workers > 1 and (memory is not None or trace is not None):
+        raise ValueError(
+            "workers > 1 runs query blocks concurrently; memory counting and trace need workers=1"
+        )
+    return int(workers)
 
 
 def _record(trace, loop_order, i, j, block_q, block_k, n_q, n_k, batch, m=None, l=None, o=None):  # noqa: E741
@@ -172,87 +195,107 @@ def _fa1(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
     return o, _lse(m_hbm, l_hbm)
 
 
-def _fa2(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
+def _fa2(q, k, v, scale, block_q, block_k, causal, memory, trace, batch, workers=1):
     """FlashAttention-2 forward (Dao, 2023, Algorithm 1 of that paper) on flat ``(B, N, d)`` arrays.
 
-    Outer loop over query blocks ``i``: ``Q_i`` is loaded once; the unnormalised accumulator
-    ``acc = O_i``, running max ``m_i`` and sum ``l_i`` stay on chip. Inner loop over key blocks
-    ``j``: ``S = tau Q_i K_j^T``, ``m_new = max(m_i, rowmax S)``, ``P = exp(S - m_new)``,
-    ``l_i = e^(m_i - m_new) l_i + rowsum P``, ``acc = e^(m_i - m_new) acc + P V_j``. After the
-    inner loop, ``O_i = acc / l_i`` and ``lse_i = m_i + log l_i`` are written once.
-
-    Speed: the score tile lives in one preallocated buffer and is turned into ``P`` in place; the
-    softmax scale is folded into ``Q_i`` once per query block.
+    Outer loop over query blocks ``i`` (:func:`_fa2_query_block` does one). The blocks are
+    independent, which is what FlashAttention-2 parallelises on a GPU; here ``workers > 1`` runs
+    them on that many threads (NumPy releases the GIL inside its array operations).
     """
-    n_b, n_q, n_k, d_v = q.shape[0], q.shape[1], k.shape[1], v.shape[2]
+    n_b, n_q, d_v = q.shape[0], q.shape[1], v.shape[2]
     o = np.empty((n_b, n_q, d_v), q.dtype)
     lse = np.empty((n_b, n_q), q.dtype)
-    t_r, t_c = n_blocks(n_q, block_q), n_blocks(n_k, block_k)
-    s_buf = np.empty(n_b * min(block_q, n_q) * min(block_k, n_k), q.dtype)
-    pv_buf = np.empty(n_b * min(block_q, n_q) * d_v, q.dtype)
-    for i in range(t_r):
-        r0, r1 = block_range(i, block_q, n_q)
-        last = last_col_block(i, n_q, n_k, block_q, block_k, causal)
-        # Rows that see no key at all (causal, N_q > N_k) keep m = -inf: exp needs a safe max.
-        dead_rows = causal and r0 + n_k - n_q < 0
-        if last >= 0:
-            q_i = q[:, r0:r1]
-            if memory is not None:  # load Q_i from HBM to SRAM
-                memory.read("Q", q_i)
-                memory.hold("Q", q_i)
-            q_i = q_i * scale
-            acc = np.zeros((n_b, r1 - r0, d_v), q.dtype)
-            m_i = np.full((n_b, r1 - r0), -np.inf, q.dtype)
-            l_i = np.zeros((n_b, r1 - r0), q.dtype)
-            if memory is not None:  # on chip: O_i accumulator, m_i, l_i
-                memory.hold("O", acc)
-                memory.hold("m", m_i)
-                memory.hold("l", l_i)
-        for j in range(last + 1):
-            c0, c1 = block_range(j, block_k, n_k)
-            k_j, v_j = k[:, c0:c1], v[:, c0:c1]
-            if memory is not None:  # load K_j, V_j from HBM to SRAM
-                memory.read("K", k_j)
-                memory.read("V", v_j)
-                memory.hold("K", k_j)
-                memory.hold("V", v_j)
-            s = s_buf[: n_b * (r1 - r0) * (c1 - c0)].reshape(n_b, r1 - r0, c1 - c0)
-            np.matmul(q_i, np.swapaxes(k_j, 1, 2), out=s)  # S_ij = tau Q_i K_j^T
-            if memory is not None:
-                memory.hold("S", s)
-            if causal and tile_needs_mask(i, j, n_q, n_k, block_q, block_k):
-                np.copyto(s, -np.inf, where=tile_mask((r0, r1), (c0, c1), n_q, n_k))
-            m_new = np.maximum(m_i, s.max(axis=2))
-            m_use = _safe_max(m_new) if dead_rows else m_new
-            s -= m_use[:, :, None]
-            p = np.exp(s, out=s)  # P_ij = exp(S_ij - m_new), in place
-            if memory is not None:
-                memory.free("S")
-                memory.hold("P", p)
-            alpha = np.exp(m_i - m_use)  # rescales what was accumulated so far (0 at j = 0)
-            l_i *= alpha
-            l_i += p.sum(axis=2)
-            acc *= alpha[:, :, None]
-            acc += np.matmul(p, v_j, out=pv_buf[: n_b * (r1 - r0) * d_v].reshape(n_b, r1 - r0, d_v))
-            m_i = m_new
-            if memory is not None:
-                memory.free("K", "V", "P")
-            if trace is not None:
-                _record(trace, "fa2", i, j, block_q, block_k, n_q, n_k, batch, m_i, l_i, _normalise(acc, l_i))
-        if last >= 0:  # O_i = diag(l_i)^-1 acc, lse_i = m_i + log l_i
-            o[:, r0:r1] = _normalise(acc, l_i)
-            lse[:, r0:r1] = _lse(m_i, l_i)
-        else:  # causal: this query block sees no key; nothing to load or compute
-            o[:, r0:r1] = 0.0
-            lse[:, r0:r1] = -np.inf
-        if memory is not None:  # write O_i and lse_i to HBM, once
-            memory.write("O", o[:, r0:r1])
-            memory.write("lse", lse[:, r0:r1])
-            memory.free("Q", "O", "m", "l")
-        if trace is not None:
-            for j in range(last + 1, t_c):
-                _record(trace, "fa2", i, j, block_q, block_k, n_q, n_k, batch)
+    query_block = partial(
+        _fa2_query_block, q, k, v, o, lse, scale, block_q, block_k, causal, memory, trace, batch
+    )
+    t_r = n_blocks(n_q, block_q)
+    if workers == 1:
+        for i in range(t_r):
+            query_block(i)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(query_block, range(t_r)):  # re-raises a worker's exception
+                pass
     return o, lse
+
+
+def _fa2_query_block(q, k, v, o, lse, scale, block_q, block_k, causal, memory, trace, batch, i):
+    """FA2 for query block ``i``: fills ``o[:, rows(i)]`` and ``lse[:, rows(i)]``.
+
+    ``Q_i`` is loaded once; the unnormalised accumulator ``acc = O_i``, running max ``m_i`` and
+    sum ``l_i`` stay on chip. Inner loop over key blocks ``j``: ``S = tau Q_i K_j^T``,
+    ``m_new = max(m_i, rowmax S)``, ``P = exp(S - m_new)``, ``l_i = e^(m_i - m_new) l_i + rowsum P``,
+    ``acc = e^(m_i - m_new) acc + P V_j``. After the inner loop, ``O_i = acc / l_i`` and
+    ``lse_i = m_i + log l_i`` are written once.
+
+    Speed: the score tile lives in one buffer and is turned into ``P`` in place; the softmax scale
+    is folded into ``Q_i`` once per query block.
+    """
+    n_b, n_q, n_k, d_v = q.shape[0], q.shape[1], k.shape[1], v.shape[2]
+    r0, r1 = block_range(i, block_q, n_q)
+    rows = r1 - r0
+    last = last_col_block(i, n_q, n_k, block_q, block_k, causal)
+    # Rows that see no key at all (causal, N_q > N_k) keep m = -inf: exp needs a safe max.
+    dead_rows = causal and r0 + n_k - n_q < 0
+    if last >= 0:
+        q_i = q[:, r0:r1]
+        if memory is not None:  # load Q_i from HBM to SRAM
+            memory.read("Q", q_i)
+            memory.hold("Q", q_i)
+        q_i = q_i * scale
+        acc = np.zeros((n_b, rows, d_v), q.dtype)
+        m_i = np.full((n_b, rows), -np.inf, q.dtype)
+        l_i = np.zeros((n_b, rows), q.dtype)
+        if memory is not None:  # on chip: O_i accumulator, m_i, l_i
+            memory.hold("O", acc)
+            memory.hold("m", m_i)
+            memory.hold("l", l_i)
+        s_buf = np.empty(n_b * rows * min(block_k, n_k), q.dtype)
+        pv = np.empty((n_b, rows, d_v), q.dtype)
+    for j in range(last + 1):
+        c0, c1 = block_range(j, block_k, n_k)
+        k_j, v_j = k[:, c0:c1], v[:, c0:c1]
+        if memory is not None:  # load K_j, V_j from HBM to SRAM
+            memory.read("K", k_j)
+            memory.read("V", v_j)
+            memory.hold("K", k_j)
+            memory.hold("V", v_j)
+        s = s_buf[: n_b * rows * (c1 - c0)].reshape(n_b, rows, c1 - c0)
+        np.matmul(q_i, np.swapaxes(k_j, 1, 2), out=s)  # S_ij = tau Q_i K_j^T
+        if memory is not None:
+            memory.hold("S", s)
+        if causal and tile_needs_mask(i, j, n_q, n_k, block_q, block_k):
+            np.copyto(s, -np.inf, where=tile_mask((r0, r1), (c0, c1), n_q, n_k))
+        m_new = np.maximum(m_i, s.max(axis=2))
+        m_use = _safe_max(m_new) if dead_rows else m_new
+        s -= m_use[:, :, None]
+        p = np.exp(s, out=s)  # P_ij = exp(S_ij - m_new), in place
+        if memory is not None:
+            memory.free("S")
+            memory.hold("P", p)
+        alpha = np.exp(m_i - m_use)  # rescales what was accumulated so far (0 at j = 0)
+        l_i *= alpha
+        l_i += p.sum(axis=2)
+        acc *= alpha[:, :, None]
+        acc += np.matmul(p, v_j, out=pv)
+        m_i = m_new
+        if memory is not None:
+            memory.free("K", "V", "P")
+        if trace is not None:
+            _record(trace, "fa2", i, j, block_q, block_k, n_q, n_k, batch, m_i, l_i, _normalise(acc, l_i))
+    if last >= 0:  # O_i = diag(l_i)^-1 acc, lse_i = m_i + log l_i
+        o[:, r0:r1] = _normalise(acc, l_i)
+        lse[:, r0:r1] = _lse(m_i, l_i)
+    else:  # causal: this query block sees no key; nothing to load or compute
+        o[:, r0:r1] = 0.0
+        lse[:, r0:r1] = -np.inf
+    if memory is not None:  # write O_i and lse_i to HBM, once
+        memory.write("O", o[:, r0:r1])
+        memory.write("lse", lse[:, r0:r1])
+        memory.free("Q", "O", "m", "l")
+    if trace is not None:
+        for j in range(last + 1, n_blocks(n_k, block_k)):
+            _record(trace, "fa2", i, j, block_q, block_k, n_q, n_k, batch)
 
 
 def _normalise(acc: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741

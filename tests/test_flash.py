@@ -277,3 +277,29 @@ def test_skipped_causal_tiles_are_not_loaded(loop_order):
         assert memory.read_elements["Q"] == d * (grid * rows[:, None]).sum()
         assert memory.write_elements["l"] == (grid * rows[:, None]).sum()
     assert math.isclose(memory.read_elements["V"], memory.read_elements["K"])
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(70, 70, False), (70, 30, True), (9, 70, True)])
+def test_threads_over_query_blocks_give_the_same_answer(n_q, n_k, causal):
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, n, 8)) for n in (n_q, n_k, n_k))
+    one = flash_attention(q, k, v, block_q=8, block_k=16, causal=causal, return_lse=True)
+    three = flash_attention(q, k, v, block_q=8, block_k=16, causal=causal, return_lse=True, workers=3)
+    for a, b in zip(one, three, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"workers": 0}, "workers must be a positive integer"),
+        ({"workers": 2.0}, "workers must be a positive integer"),
+        ({"workers": 2, "loop_order": "fa1"}, "workers > 1 needs loop_order='fa2'"),
+        ({"workers": 2, "memory": MemoryModel()}, "memory counting and trace need workers=1"),
+        ({"workers": 2, "trace": []}, "memory counting and trace need workers=1"),
+    ],
+)
+def test_bad_workers_are_explained(kwargs, words):
+    x = np.ones((4, 2))
+    with pytest.raises(ValueError, match=words):
+        flash_attention(x, x, x, **kwargs)
