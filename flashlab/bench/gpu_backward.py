@@ -20,40 +20,13 @@ float64 gradients of the same inputs. Causal rows use ``N_q = N_k``, where torch
 from __future__ import annotations
 
 import math
-import statistics
+import time
 
+from flashlab.bench import gpu as forward_bench
 from flashlab.bench.common import attention_tflops
 
 BACKWARD_FLOP_FACTOR = 2.5  # FlashAttention-2's convention: backward FLOPs = 2.5 x forward FLOPs
 IMPLS = ("flashlab_bwd", "torch_naive_fp32", "sdpa_mem_efficient_fp32")
-
-
-def _median_ms(fn, *, repeat: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` on the GPU: ``warmup`` untimed calls, then CUDA events per call."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _peak_bytes(fn) -> int:
-    """``torch.cuda.max_memory_allocated`` over one call of ``fn()`` (what was live before included)."""
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
 
 
 def _reference(q, k, v, do, causal: bool, scale: float):
@@ -66,7 +39,7 @@ def _reference(q, k, v, do, causal: bool, scale: float):
         q64, k64, v64 = (x[:, h].double().requires_grad_() for x in (q, k, v))
         s = scale * q64 @ k64.transpose(-1, -2)
         if causal:
-            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -math.inf)
+            s = s.masked_fill(forward_bench._causal_mask(s.shape[-1], s.device), -math.inf)
         lse = torch.logsumexp(s, dim=-1)
         o = torch.exp(s - lse[..., None]) @ v64
         grads = torch.autograd.grad(o, (q64, k64, v64), do[:, h].double())
@@ -76,32 +49,13 @@ def _reference(q, k, v, do, causal: bool, scale: float):
     return {name: torch.stack(xs, dim=1) for name, xs in outs.items()}
 
 
-def _naive_fp32(q, k, v, causal: bool, scale: float):
-    """torch's unfused attention in float32: matmul, (mask,) softmax, matmul; autograd saves P."""
-    import torch
-
-    s = scale * q @ k.transpose(-1, -2)
-    if causal:
-        n_q, n_k = s.shape[-2:]
-        s = s.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    return torch.softmax(s, dim=-1) @ v
-
-
-def _sdpa_mem_efficient(q, k, v, causal: bool, scale: float):
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-
-
-def _torch_backward(forward):
-    """A function running the backward of ``forward(q, k, v, causal, scale)`` again and again."""
+def _torch_backward(impl: str):
+    """The backward of the forward benchmark's ``impl``: its forward runs once, untimed; autograd is timed."""
     import torch
 
     def make(q, k, v, do, causal, scale, ref):
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        o = forward(q, k, v, causal, scale)
+        o = forward_bench.RUNNERS[impl](q, k, v, causal, scale)()
         return lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
 
     return make
@@ -118,8 +72,8 @@ def _flashlab_backward(q, k, v, do, causal, scale, ref):
 
 RUNNERS = {
     "flashlab_bwd": _flashlab_backward,
-    "torch_naive_fp32": _torch_backward(_naive_fp32),
-    "sdpa_mem_efficient_fp32": _torch_backward(_sdpa_mem_efficient),
+    "torch_naive_fp32": _torch_backward("torch_naive_fp32"),
+    "sdpa_mem_efficient_fp32": _torch_backward("sdpa_mem_efficient_fp32"),
 }
 
 
@@ -131,6 +85,7 @@ def backward_rows(
     repeat: int = 10,
     warmup: int = 3,
     seed: int = 0,
+    budget_s: float | None = None,
     progress=None,
 ) -> list[dict]:
     """Time the backward of each implementation in ``impls`` for each ``(heads, n, d)`` in ``shapes``
@@ -138,7 +93,8 @@ def backward_rows(
 
     Returns one dict per measurement with the columns ``direction`` (``"bwd"``), ``impl``, ``dtype``,
     ``causal``, ``heads``, ``n``, ``d``, ``ms``, ``tflops``, ``peak_mem_bytes``, ``max_abs_err``.
-    An implementation that runs out of GPU memory gets a row with empty figures and ``note="OOM"``.
+    ``note`` is empty, or says why the figures are: ``"OOM"`` (out of GPU memory), ``"failed: ..."``
+    (the error), or ``"skipped: ..."`` (past ``budget_s`` seconds from the start of this call).
     ``progress``: an optional callable told ``"bwd impl heads x n x d causal"`` before each row.
     """
     import torch
@@ -149,6 +105,8 @@ def backward_rows(
     if repeat < 10:
         raise ValueError(f"repeat must be >= 10 (a median of at least ten timings), got {repeat}")
     gen = torch.Generator(device="cuda").manual_seed(seed)
+    t0 = time.perf_counter()
+    empty = {"ms": None, "tflops": None, "peak_mem_bytes": None, "max_abs_err": None}
     rows = []
     for heads, n, d in shapes:
         scale = 1.0 / math.sqrt(d)
@@ -156,12 +114,16 @@ def backward_rows(
             torch.randn(1, heads, n, d, device="cuda", dtype=torch.float32, generator=gen) for _ in range(4)
         )
         for is_causal in causal:
-            ref = _reference(q, k, v, do, is_causal, scale)
+            over = budget_s is not None and time.perf_counter() - t0 > budget_s
+            ref = None if over else _reference(q, k, v, do, is_causal, scale)
             for impl in impls:
                 if progress is not None:
                     progress(f"bwd {impl} {heads}x{n}x{d} causal={is_causal}")
                 row = {"direction": "bwd", "impl": impl, "dtype": "float32", "causal": is_causal}
                 row |= {"heads": heads, "n": n, "d": d}
+                if over or (budget_s is not None and time.perf_counter() - t0 > budget_s):
+                    rows.append(row | empty | {"note": f"skipped: past the {budget_s:.0f} s budget"})
+                    continue
                 try:
                     step = RUNNERS[impl](q, k, v, do, is_causal, scale, ref)
                     grads = step()
@@ -170,13 +132,20 @@ def backward_rows(
                         for g, x in zip(grads, "qkv", strict=True)
                     )
                     del grads
-                    peak = _peak_bytes(step)
-                    ms = _median_ms(step, repeat=repeat, warmup=warmup)
+                    peak = forward_bench._peak_bytes(step)
+                    ms = forward_bench._median_ms(step, repeat, warmup)
                     tflops = BACKWARD_FLOP_FACTOR * attention_tflops(n, n, d, heads, ms / 1e3, is_causal)
-                    row |= {"ms": ms, "tflops": tflops, "peak_mem_bytes": peak, "max_abs_err": err}
+                    row |= {
+                        "ms": ms,
+                        "tflops": tflops,
+                        "peak_mem_bytes": peak,
+                        "max_abs_err": err,
+                        "note": "",
+                    }
                 except torch.cuda.OutOfMemoryError:
-                    row |= {"ms": None, "tflops": None, "peak_mem_bytes": None, "max_abs_err": None}
-                    row["note"] = "OOM"
+                    row |= empty | {"note": "OOM"}
+                except Exception as e:  # one broken row must not lose the others (the note says why)
+                    row |= empty | {"note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
                 step = None
                 torch.cuda.empty_cache()
                 rows.append(row)
