@@ -162,14 +162,16 @@ def _fa1(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
                 for name, tile in (("Q", q_i), ("O", o_i), ("l", l_i), ("m", m_i)):
                     memory.read(name, tile)
                     memory.hold(name, tile)
-            s = scale * (q_i @ np.swapaxes(k_j, 1, 2))  # line 9: S_ij = tau Q_i K_j^T
+            s = q_i @ np.swapaxes(k_j, 1, 2)  # line 9: S_ij = tau Q_i K_j^T
+            s *= scale
             if memory is not None:
                 memory.hold("S", s)
             if causal and tile_needs_mask(i, j, n_q, n_k, block_q, block_k):
                 s[:, tile_mask((r0, r1), (c0, c1), n_q, n_k)] = -np.inf
             # Line 10: m~ = rowmax(S), P~ = exp(S - m~), l~ = rowsum(P~).
             m_t = s.max(axis=2)
-            p = np.exp(s - _safe_max(m_t)[:, :, None])
+            s -= _safe_max(m_t)[:, :, None]
+            p = np.exp(s, out=s)  # in place: S_ij becomes P~_ij
             if memory is not None:
                 memory.free("S")
                 memory.hold("P", p)
