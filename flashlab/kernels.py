@@ -110,13 +110,13 @@ def rowwise_source(d: int, rows: int, keys: int, causal: bool, key_step: Callabl
         v_tile = cuda.shared.array((BC, D), float32)
         q_row = cuda.local.array(D, float32)
         acc = cuda.local.array(D, float32)
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if causal else n_k  # tiles past the diagonal: skipped
         for c in range(D):
-            q_row[c] = q[bh, i, c] if i < n_q else ZERO
+            q_row[c] = q[bh, i, c] if i < n_q and n_keys > 0 else ZERO
             acc[c] = ZERO
         m = NEG_INF
         l = ZERO  # noqa: E741
-        last_row = min(r0 + BR, n_q) - 1
-        n_keys = min(n_k, last_row + offset + 1) if causal else n_k  # tiles past the diagonal: skipped
         for j0 in range(0, n_keys, BC):
             for e in range(t, BC * D, BR):  # the block loads the K/V tile together, coalesced
                 jj = e // D
@@ -171,16 +171,16 @@ def tiled_source(d: int, rows: int, keys: int, causal: bool):
         m_row = cuda.shared.array(BR, float32)
         l_row = cuda.shared.array(BR, float32)
         alpha_row = cuda.shared.array(BR, float32)
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if causal else n_k
         for e in range(t, BR * D, T):
             r = e // D
             c = e % D
-            q_tile[r, c] = q[bh, r0 + r, c] if r0 + r < n_q else ZERO
+            q_tile[r, c] = q[bh, r0 + r, c] if r0 + r < n_q and n_keys > 0 else ZERO
             o_tile[r, c] = ZERO
         if tx == 0:
             m_row[ty] = NEG_INF
             l_row[ty] = ZERO
-        last_row = min(r0 + BR, n_q) - 1
-        n_keys = min(n_k, last_row + offset + 1) if causal else n_k
         for j0 in range(0, n_keys, BC):
             for e in range(t, BC * D, T):
                 jj = e // D
@@ -313,17 +313,17 @@ def register_tiled_source(
         rg = tid // G
         cg = tid % G
         scale2 = scale * LOG2E
-        for e in range(tid, BR * D, T):  # Q tile, loaded once, stored transposed
+        last_row = min(r0 + BR, n_q) - 1
+        n_keys = min(n_k, last_row + offset + 1) if CAUSAL else n_k  # skip tiles above the diagonal
+        for e in range(tid, BR * D, T):  # Q tile, loaded once (if any key is visible), transposed
             r = e // D
             c = e % D
-            smem[uint64(QT + c * QS + r)] = q[bh, r0 + r, c] if r0 + r < n_q else ZERO
+            smem[uint64(QT + c * QS + r)] = q[bh, r0 + r, c] if r0 + r < n_q and n_keys > 0 else ZERO
         for a in range(TM):
             m_i[a] = NEG_INF
             l_i[a] = ZERO
             for b in range(TD):
                 acc[a, b] = ZERO
-        last_row = min(r0 + BR, n_q) - 1
-        n_keys = min(n_k, last_row + offset + 1) if CAUSAL else n_k  # skip tiles above the diagonal
         for j0 in range(0, n_keys, BC):
             for e in range(tid, BC * D, T):  # K tile (transposed) and V tile
                 jj = e // D
@@ -411,10 +411,10 @@ DEFAULT_TILES = {
     "rowwise": {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS},
     "tiled": {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS},
     "register_tiled": {
-        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
+        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
+        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
+        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
     },
 }
 

@@ -278,7 +278,11 @@ def _backward(args, causal_values, t0) -> list[dict]:
     shapes = [(heads_for(n), n, d) for d in args.d for n in args.bwd_n]
     if not shapes or time.perf_counter() - t0 > args.budget:
         return []
-    rows = backward_rows(shapes, causal=causal_values, repeat=args.repeat, warmup=args.warmup)
+    try:
+        rows = backward_rows(shapes, causal=causal_values, repeat=args.repeat, warmup=args.warmup)
+    except Exception as e:  # keep the forward rows of a long run even if the backward breaks
+        print(f"backward rows failed: {type(e).__name__}: {e}")
+        return []
     for row in rows:
         print(_line(row), flush=True)
     return rows
