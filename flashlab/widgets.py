@@ -45,6 +45,7 @@ DPI = 80
 N_CHOICES = tuple(2**p for p in range(7, 15))  # 128 .. 16384
 D_CHOICES = (16, 32, 64, 128, 256)
 SWEEP_N = np.unique(np.geomspace(64, 65536, 41).astype(int))
+BUTTONS = {"button_width": "60px"}  # the loop-order toggle, on one line
 MAX_GRID_PIXELS = 512  # larger tile grids are drawn with every k-th tile (the counts stay exact)
 ALGORITHM_STYLE = {
     "standard": dict(color="tab:red", label="standard attention (Algorithm 0)"),
@@ -215,7 +216,7 @@ class BlockSizeView:
         self.sram_text = self.fig.text(0.01, 0.02, "", fontsize=11, ha="left", va="bottom")
         self.title = self.fig.suptitle("", fontsize=12, y=0.98)
 
-    def draw(self, n, d, sram_kib, block_q, block_k, loop_order="fa2", causal=False) -> None:
+    def draw(self, n, d, sram_kib, block_q, block_k, loop_order="fa1", causal=False) -> None:
         """Redraw for these parameters (validated as in :mod:`flashlab.traffic` and :mod:`flashlab.tiles`)."""
         n, d = check_block("n", n), check_block("d", d)
         block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
@@ -279,10 +280,11 @@ class BlockSizeView:
 
 
 def block_size_defaults(sram_kib: int = 192, d: int = 64) -> dict:
-    """Default explorer parameters: N = 4096, the paper's A100 SRAM of 192 KB per SM, its block rule."""
+    """Default explorer parameters: N = 4096, the paper's A100 SRAM of 192 KB per SM, its block rule and
+    its loop order (Algorithm 1)."""
     block_q, block_k = sram_blocks(sram_kib, d)
     return dict(
-        n=4096, d=d, sram_kib=sram_kib, block_q=block_q, block_k=block_k, loop_order="fa2", causal=False
+        n=4096, d=d, sram_kib=sram_kib, block_q=block_q, block_k=block_k, loop_order="fa1", causal=False
     )
 
 
@@ -336,7 +338,7 @@ def block_size_explorer(**params) -> Explorer:
             value=p["block_k"], min=8, max=1024, description="B_c", style=style, layout=wide
         ),
         "loop_order": widgets.ToggleButtons(
-            options=["fa1", "fa2"], value=p["loop_order"], description="loop order"
+            options=["fa1", "fa2"], value=p["loop_order"], description="loop order", style=BUTTONS
         ),
         "causal": widgets.Checkbox(value=p["causal"], description="causal mask"),
     }
@@ -449,9 +451,9 @@ class StepView:
         self._exact = {c: exact_rows(self.ex, c) for c in (False, True)}
         n_q, n_k = len(self.ex.q), len(self.ex.k)
         rows = np.arange(n_q)
-        self.fig = Figure(figsize=(12, 6.4), dpi=DPI)
+        self.fig = Figure(figsize=(12, 6.8), dpi=DPI)
         axes = self.fig.subplots(
-            2, 2, gridspec_kw=dict(left=0.06, right=0.98, top=0.88, bottom=0.08, hspace=0.45)
+            2, 2, gridspec_kw=dict(left=0.06, right=0.98, top=0.83, bottom=0.08, hspace=0.5)
         )
         self.ax_tiles, self.ax_o, self.ax_m, self.ax_l = axes.ravel()
         a = self.ax_tiles
@@ -472,7 +474,7 @@ class StepView:
         a.set_title("orange: tile on chip; blue: done; grey: skipped / masked", fontsize=10)
         self.bands = []
         for ax, title in (
-            (self.ax_o, "partial O (column 0; filled) vs exact O (rings)"),
+            (self.ax_o, ""),
             (self.ax_m, "running max m per row (dots) vs exact row max (dashes)"),
             (self.ax_l, "running sum l per row vs exact l = sum exp(S - m)"),
         ):
@@ -489,9 +491,8 @@ class StepView:
         self.part_m = self.ax_m.plot(rows, np.zeros(n_q), "o", color="tab:purple", ms=6)[0]
         self.exact_l = self.ax_l.plot(rows, np.zeros(n_q), "_", color="k", ms=18, mew=2)[0]
         self.part_l = self.ax_l.plot(rows, np.zeros(n_q), "o", color="tab:brown", ms=6)[0]
-        self.o_text = self.ax_o.text(0.01, 0.97, "", transform=self.ax_o.transAxes, va="top", fontsize=9)
         self._set_limits()
-        self.title = self.fig.suptitle("", fontsize=11)
+        self.title = self.fig.suptitle("", fontsize=11, y=0.985)
 
     def _set_limits(self) -> None:
         """Fixed y-limits over every step of both loop orders and masks, so nothing jumps while stepping."""
@@ -520,32 +521,33 @@ class StepView:
         """Tile visits of the schedule (skipped tiles included): ``T_r x T_c``, the same for both orders."""
         return n_blocks(len(self.ex.q), self.ex.block_q) * n_blocks(len(self.ex.k), self.ex.block_k)
 
-    def draw(self, step=0, loop_order="fa2", causal=False) -> None:
-        """Show the state after tile visit ``step`` (0-based) of ``loop_order``."""
+    def draw(self, visit=1, loop_order="fa2", causal=False) -> None:
+        """Show the state after tile visit number ``visit`` (1 = the first) of ``loop_order``."""
         run = self.steps(loop_order, causal)
-        if isinstance(step, bool) or int(step) != step or not 0 <= step < len(run.trace):
-            raise ValueError(f"step must be an integer in [0, {len(run.trace) - 1}], got {step!r}")
-        step = int(step)
-        visit, exact = run.trace[step], self._exact[bool(causal)]
-        self.tile_image.set_data(self._tile_codes(run, step, causal))
-        (r0, r1), (c0, c1) = visit.rows, visit.cols
+        if isinstance(visit, bool) or int(visit) != visit or not 1 <= visit <= len(run.trace):
+            raise ValueError(f"visit must be an integer in [1, {len(run.trace)}], got {visit!r}")
+        k = int(visit) - 1
+        tile, exact = run.trace[k], self._exact[bool(causal)]
+        self.tile_image.set_data(self._tile_codes(run, k, causal))
+        (r0, r1), (c0, c1) = tile.rows, tile.cols
         self.current.set_bounds(c0 - 0.5, r0 - 0.5, c1 - c0, r1 - r0)
         for band in self.bands:
             band.set_x(r0 - 0.5)
             band.set_width(r1 - r0)
         self.exact_o.set_ydata(exact.o[:, 0])
-        self.part_o.set_ydata(run.o[step][:, 0])
+        self.part_o.set_ydata(run.o[k][:, 0])
         self.exact_m.set_ydata(exact.m)
-        self.part_m.set_ydata(run.m[step])
+        self.part_m.set_ydata(run.m[k])
         self.exact_l.set_ydata(exact.l)
-        self.part_l.set_ydata(run.l[step])
-        finished = run.finished[step]
-        err = np.abs(run.o[step][finished] - exact.o[finished])
-        self.o_text.set_text(
-            f"{finished.sum()} of {len(finished)} rows finished"
-            + (f"; on them max |O - O_exact| = {err.max():.1e}" if finished.any() else "")
+        self.part_l.set_ydata(run.l[k])
+        finished = run.finished[k]
+        err = np.abs(run.o[k][finished] - exact.o[finished])
+        self.ax_o.set_title(
+            f"partial O (column 0, dots) vs exact O (rings): {finished.sum()} of {len(finished)} rows done"
+            + (f",\nmax |O - O_exact| on them {err.max():.1e}" if finished.any() else "\n"),
+            fontsize=10,
         )
-        self.title.set_text(_describe_step(visit, len(run.trace)))
+        self.title.set_text(_describe_step(tile, len(run.trace)))
 
     def _tile_codes(self, run: Steps, step: int, causal: bool) -> np.ndarray:
         n_q, n_k = len(self.ex.q), len(self.ex.k)
@@ -564,7 +566,7 @@ def _describe_step(visit, n_steps: int) -> str:
     """Two title lines: which tile, and what is on chip (or why nothing is)."""
     i, j, (r0, r1), (c0, c1) = visit.i, visit.j, visit.rows, visit.cols
     head = (
-        f"{visit.loop_order} step {visit.step + 1} of {n_steps}: tile (i={i}, j={j}), "
+        f"{visit.loop_order}, tile visit {visit.step + 1} of {n_steps}: tile (i={i}, j={j}), "
         f"query rows {r0}-{r1 - 1}, keys {c0}-{c1 - 1}"
     )
     if visit.skipped:
@@ -577,28 +579,32 @@ def _describe_step(visit, n_steps: int) -> str:
     return f"{head}\non chip: Q_{i}, O_{i}, l_{i}, m_{i} (kept over the inner loop), K_{j}, V_{j} (read)"
 
 
-def step_figure(step=0, loop_order="fa2", causal=False, ex: Example | None = None) -> Figure:
-    """The step-through's figure after tile visit ``step``, drawn once."""
+def step_figure(visit=1, loop_order="fa2", causal=False, ex: Example | None = None) -> Figure:
+    """The step-through's figure after tile visit number ``visit`` (1 = the first), drawn once."""
     view = StepView(ex)
-    view.draw(step, loop_order, causal)
+    view.draw(visit, loop_order, causal)
     return view.fig
 
 
 def step_through(ex: Example | None = None, *, loop_order="fa2", causal=False, interval_ms=700) -> Explorer:
-    """A step slider with a Play button, the loop order and the causal mask over :class:`StepView`."""
+    """A tile-visit slider with a Play button, the loop order and the causal mask over :class:`StepView`."""
     view = StepView(ex)
-    last = view.n_steps - 1
-    step = widgets.IntSlider(value=0, min=0, max=last, description="tile visit", layout={"width": "480px"})
-    play = widgets.Play(value=0, min=0, max=last, interval=interval_ms, description="play")
-    widgets.jslink((play, "value"), (step, "value"))
+    visit = widgets.IntSlider(
+        value=1, min=1, max=view.n_steps, description="tile visit", layout={"width": "480px"}
+    )
+    play = widgets.Play(value=1, min=1, max=view.n_steps, interval=interval_ms, description="play")
+    widgets.jslink((play, "value"), (visit, "value"))
     controls = {
-        "step": step,
+        "visit": visit,
         "loop_order": widgets.ToggleButtons(
-            options=["fa1", "fa2"], value=check_loop_order(loop_order), description="loop order"
+            options=["fa1", "fa2"],
+            value=check_loop_order(loop_order),
+            description="loop order",
+            style=BUTTONS,
         ),
         "causal": widgets.Checkbox(value=bool(causal), description="causal mask"),
     }
-    rows = [widgets.HBox([play, step]), widgets.HBox([controls["loop_order"], controls["causal"]])]
+    rows = [widgets.HBox([play, visit]), widgets.HBox([controls["loop_order"], controls["causal"]])]
     return Explorer(
         view, controls, rows, css_class="flashlab-step-through", label="Step-through of the tile schedule"
     )

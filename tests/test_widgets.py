@@ -143,8 +143,9 @@ def test_slider_changes_redraw_the_same_figure_in_place():
         image = ex.image.value
     ex.controls["causal"].value = True
     assert "causal" in ex.view.title.get_text()
-    ex.controls["loop_order"].value = "fa1"
     assert len(ex.view.marks["fa1"].get_xdata()) == 1 and len(ex.view.marks["fa2"].get_xdata()) == 0
+    ex.controls["loop_order"].value = "fa2"
+    assert len(ex.view.marks["fa2"].get_xdata()) == 1 and len(ex.view.marks["fa1"].get_xdata()) == 0
     assert ex.view.fig is fig and ex.view.lines == lines
     assert len(ex.view.ax.lines) == 6 and len(ex.view.ax_grid.images) == 1
     del ex
@@ -185,8 +186,10 @@ def test_bad_parameters_are_rejected_with_their_name():
         W.block_size_figure(block_q=0)
     with pytest.raises(TypeError, match="unknown block-size parameters"):
         W.block_size_figure(blocks=64)
-    with pytest.raises(ValueError, match="step"):
-        W.step_figure(step=10**6)
+    with pytest.raises(ValueError, match="visit"):
+        W.step_figure(visit=0)
+    with pytest.raises(ValueError, match="visit"):
+        W.step_figure(visit=10**6)
 
 
 # --- step-through -------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def test_steps_follow_the_schedule_and_end_exact(ex, loop_order, causal):
 
 def test_rows_not_reached_yet_are_not_drawn():
     view = W.StepView()
-    view.draw(step=0, loop_order="fa2")
+    view.draw(visit=1, loop_order="fa2")
     first = view.steps("fa2", False).trace[0]
     y = view.part_m.get_ydata()
     assert np.isfinite(y[slice(*first.rows)]).all() and np.isnan(np.delete(y, np.arange(*first.rows))).all()
@@ -236,8 +239,9 @@ def test_rows_not_reached_yet_are_not_drawn():
 def test_step_view_shows_the_tile_on_chip_and_the_rows_state(loop_order):
     view = W.StepView()
     run = view.steps(loop_order, True)
-    for step in (0, 4, view.n_steps - 1):
-        view.draw(step=step, loop_order=loop_order, causal=True)
+    for number in (1, 5, view.n_steps):
+        view.draw(visit=number, loop_order=loop_order, causal=True)
+        step = number - 1
         visit = run.trace[step]
         (r0, r1), (c0, c1) = visit.rows, visit.cols
         assert view.current.get_bbox().bounds == (c0 - 0.5, r0 - 0.5, c1 - c0, r1 - r0)
@@ -246,7 +250,7 @@ def test_step_view_shows_the_tile_on_chip_and_the_rows_state(loop_order):
             assert (codes[r0:r1, c0:c1] == W.CURRENT).any()
         np.testing.assert_array_equal(view.part_o.get_ydata(), run.o[step][:, 0])
         np.testing.assert_array_equal(view.part_l.get_ydata(), run.l[step])
-        assert f"{loop_order} step {step + 1} of {view.n_steps}" in view.title.get_text()
+        assert f"{loop_order}, tile visit {number} of {view.n_steps}" in view.title.get_text()
         assert ("skipped" in view.title.get_text()) == visit.skipped
 
 
@@ -254,10 +258,13 @@ def test_step_slider_play_and_toggles_redraw_in_place():
     before_pyplot = plt.get_fignums()
     ex = W.step_through()
     fig, image = ex.view.fig, ex.image.value
-    assert ex.controls["step"].max == ex.view.n_steps - 1 == len(ex.view.steps("fa2", False).trace) - 1
+    visit = ex.controls["visit"]
+    assert (visit.min, visit.max) == (1, ex.view.n_steps) and ex.view.n_steps == len(
+        ex.view.steps("fa2", False).trace
+    )
     play = ex.widget.children[0].children[0]
-    assert play.max == ex.controls["step"].max
-    ex.controls["step"].value = 5
+    assert (play.min, play.max) == (visit.min, visit.max)
+    visit.value = 6
     assert ex.image.value != image
     np.testing.assert_array_equal(ex.view.part_m.get_ydata(), ex.view.steps("fa2", False).m[5])
     ex.controls["loop_order"].value = "fa1"
@@ -272,5 +279,5 @@ def test_step_slider_play_and_toggles_redraw_in_place():
 def test_static_figures_are_figures_outside_pyplot():
     before = plt.get_fignums()
     assert isinstance(W.block_size_figure(n=512), Figure)
-    assert isinstance(W.step_figure(step=3, loop_order="fa1"), Figure)
+    assert isinstance(W.step_figure(visit=3, loop_order="fa1"), Figure)
     assert plt.get_fignums() == before

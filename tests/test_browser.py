@@ -1,0 +1,299 @@
+"""The explorers in a real browser: JupyterLab in headless Chromium, and the static HTML export.
+
+JupyterLab is started with the command ``make lab`` uses (:func:`flashlab.lab.command`) on a free
+127.0.0.1 port with temporary config, data, runtime, settings and workspace folders, no news or update
+checks and no language server. Chromium opens ``notebooks/06_explorers.ipynb``, waits for an idle
+kernel, runs all cells, moves a slider of each explorer with the keyboard and checks that the figure
+changed and that no error or stderr output appeared. Screenshots go to ``build/browser/``.
+
+The HTML export (``make html``: nbconvert ``--execute`` with
+``--ExecutePreprocessor.store_widget_state=False``, so that the static figures, not the widget
+placeholders, are rendered) is opened in the same browser.
+
+Needs Debian's ``chromium`` at ``/usr/bin/chromium`` and ``playwright`` (the ``dev`` extra). Without
+them these tests skip and say how to enable them; with ``CI=true`` they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flashlab import lab
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "06_explorers.ipynb"
+SHOTS = ROOT / "build" / "browser"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The `make html` command for one notebook (the Makefile runs it over notebooks/*.ipynb into build/html).
+HTML_COMMAND = [
+    sys.executable,
+    "-m",
+    "jupyter",
+    "nbconvert",
+    "--to",
+    "html",
+    "--execute",
+    "--ExecutePreprocessor.timeout=600",
+    "--ExecutePreprocessor.store_widget_state=False",
+]
+STDERR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.browser
+
+
+def _require_browser() -> None:
+    missing = [] if CHROMIUM.exists() else [f"Chromium at {CHROMIUM}"]
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if not missing:
+        return
+    message = (
+        f"browser test needs {' and '.join(missing)}: install Debian's chromium "
+        "(sudo apt-get install chromium) and the dev extra (pip install -e '.[dev]'); .ci/run does both"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " [CI=true: a missing browser is a failure]")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, token: str, path: str, method: str = "GET"):
+    request = urllib.request.Request(f"{base}{path}?token={token}", method=method)
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        body = reply.read()
+    return json.loads(body) if body else None
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(browser, tmp_path_factory):
+    """``(base_url, token)`` of JupyterLab started as ``make lab`` does; stopped, kernels too, at the end."""
+    tmp = tmp_path_factory.mktemp("jupyterlab")
+    settings = tmp / "settings"
+    notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), secrets.token_hex(16)
+    argv = lab.command(port, open_browser=False, token=token) + [
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+        "--ServerApp.jpserver_extensions",
+        "jupyter_lsp=False",
+    ]
+    env = os.environ | {
+        "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+        "JUPYTER_DATA_DIR": str(tmp / "data"),
+        "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
+    }
+    log_path = tmp / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                _api(base, token, "/api/status")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield base, token
+    finally:
+        try:  # kernels run in their own sessions: shut them down through the server first
+            for kernel in _api(base, token, "/api/kernels"):
+                _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE")
+        except OSError:
+            pass
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def notebook(browser, jupyterlab):
+    """The explorer notebook open in JupyterLab after Run All, with every cell executed."""
+    base, token = jupyterlab
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.problems = []
+    page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
+    page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
+    _wait_for_idle_kernel(page)
+    page.locator(".jp-NotebookPanel .jp-Notebook").first.click()
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    page.wait_for_selector(".flashlab-block-size .widget-slider .noUi-handle")
+    page.wait_for_selector(".flashlab-step-through .widget-slider .noUi-handle")
+    page.wait_for_function(
+        """() => {
+            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
+            return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+        }"""
+    )
+    _wait_for_idle_kernel(page)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def _wait_for_idle_kernel(page) -> None:
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.jp-StatusBar-Item')]
+                 .some(item => /\\|\\s*Idle/.test(item.textContent))"""
+    )
+
+
+def _assert_no_errors(page) -> None:
+    assert page.locator(STDERR_OUTPUT).count() == 0, page.locator(STDERR_OUTPUT).first.inner_text()
+    outputs = " ".join(page.locator(".jp-OutputArea").all_inner_texts())
+    for sign in ("Traceback", "Error displaying widget", "Exception"):
+        assert sign not in outputs, f"{sign!r} in the notebook's outputs"
+    assert not page.problems, page.problems
+
+
+def _wait_for_new_image(image, before: bytes, timeout_s: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = image.screenshot()
+        if now != before:
+            return now
+        time.sleep(0.2)
+    raise AssertionError("the explorer's figure did not change")
+
+
+def _slider(explorer, label: str):
+    """The slider of ``explorer`` whose description is exactly ``label``."""
+    labels = explorer.locator(".widget-slider .widget-label").all_inner_texts()
+    assert label in labels, f"no slider {label!r} among {labels}"
+    return explorer.locator(".widget-slider").nth(labels.index(label))
+
+
+def _press(page, handle, key: str, times: int = 1) -> None:
+    handle.focus()
+    for _ in range(times):
+        page.keyboard.press(key)
+
+
+def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(notebook):
+    page = notebook
+    explorer = page.locator(".flashlab-block-size")
+    image = explorer.locator("img").first
+    explorer.scroll_into_view_if_needed()
+    _assert_no_errors(page)
+    before = image.screenshot()
+    page.screenshot(path=str(SHOTS / "block_size_explorer_before.png"))
+    n_slider, m_slider, b_c = (_slider(explorer, label) for label in ("N", "SRAM M (KiB)", "B_c"))
+    assert n_slider.locator(".widget-readout").inner_text().strip() == "4096"
+    _press(page, n_slider.locator(".noUi-handle"), "ArrowRight")
+    page.wait_for_function(
+        "el => el.textContent.trim() === '8192'", arg=n_slider.locator(".widget-readout").element_handle()
+    )
+    after_n = _wait_for_new_image(image, before)
+    # M one step down (192 -> 188 KiB): the blocks follow the paper's rule, B_c = ceil(M / 4d) = 188.
+    _press(page, m_slider.locator(".noUi-handle"), "ArrowLeft")
+    b_c_readout = b_c.locator(".widget-readout").element_handle()
+    page.wait_for_function("el => el.textContent.trim() === '188'", arg=b_c_readout)
+    _wait_for_new_image(image, after_n)
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "block_size_explorer_after.png"))
+    image.screenshot(path=str(SHOTS / "block_size_figure_after.png"))
+    _assert_no_errors(page)
+
+
+def test_step_through_redraws_with_the_keyboard_and_plays(notebook):
+    page = notebook
+    explorer = page.locator(".flashlab-step-through")
+    image = explorer.locator("img").first
+    explorer.scroll_into_view_if_needed()
+    before = image.screenshot()
+    step = _slider(explorer, "tile visit")
+    readout = step.locator(".widget-readout")
+    assert readout.inner_text().strip() == "1"
+    _press(page, step.locator(".noUi-handle"), "ArrowRight", times=3)
+    page.wait_for_function("el => el.textContent.trim() === '4'", arg=readout.element_handle())
+    stepped = _wait_for_new_image(image, before)
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "step_through_visit4.png"))
+    explorer.get_by_role("button", name="fa1").click()
+    toggled = _wait_for_new_image(image, stepped)
+    explorer.locator(".widget-play button").first.click()  # play: the slider advances on its own
+    page.wait_for_function("el => Number(el.textContent) >= 5", arg=readout.element_handle())
+    _wait_for_new_image(image, toggled)
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "step_through_playing.png"))
+    _assert_no_errors(page)
+
+
+def test_html_export_shows_the_static_figures(browser, tmp_path):
+    out = tmp_path / "html"
+    done = subprocess.run(
+        [*HTML_COMMAND, "--output-dir", str(out), str(NOTEBOOK)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=NOTEBOOK.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto((out / f"{NOTEBOOK.stem}.html").as_uri())
+        images = page.locator('img[src^="data:image/png;base64,"]')
+        assert images.count() >= 4, "both explorers' static figures and the two plain figures"
+        widths = images.evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        assert all(w > 300 for w in widths), widths
+        assert page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count() == 0
+        assert "Traceback" not in page.inner_text("body")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        images.first.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "html_export.png"))
+    finally:
+        page.close()
