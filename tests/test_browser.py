@@ -297,3 +297,14 @@ def test_html_export_shows_the_static_figures(browser, tmp_path):
         page.screenshot(path=str(SHOTS / "html_export.png"))
     finally:
         page.close()
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [(None, pytest.skip.Exception), ("true", pytest.fail.Exception)])
+def test_missing_browser_skips_with_instructions_but_fails_under_ci(monkeypatch, tmp_path, ci, outcome):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="apt-get install chromium"):
+        _require_browser()
