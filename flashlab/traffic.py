@@ -27,8 +27,6 @@ import numpy as np
 from flashlab.inputs import check_block
 from flashlab.tiles import block_range, first_row_block, last_col_block, n_blocks
 
-STATS = ("l", "m", "lse", "D")  # row statistics: kept in float32 even when the matrices are 16-bit
-
 
 @dataclass(frozen=True)
 class Traffic:
@@ -102,6 +100,12 @@ def _sizes(n_q, n_k, d, d_v, batch) -> tuple[int, int, int, int, int]:
     return n_q, n_k, d, d_v, check_block("batch", batch)
 
 
+def _blocked(n_q, n_k, d, d_v, batch, block_q, block_k) -> tuple[int, int, int, int, int, int, int]:
+    blocks = check_block("block_q", block_q), check_block("block_k", block_k)
+    return (*_sizes(n_q, n_k, d, d_v, batch), *blocks)
+
+
+# --- which tiles a (causal) blocked algorithm computes ------------------------------------------
 def computed_rows(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool = False) -> int:
     """``R``: the query rows of every computed tile ``(i, j)``, summed (``T_c N_q`` without a mask).
 
@@ -174,8 +178,7 @@ def fa1_forward(
     With ``R = sum over computed tiles of r_i`` (``T_c N_q`` unmasked, see :func:`computed_rows`).
     Line 2 (O = 0, l = 0, m = -inf initialised in HBM) is not counted.
     """
-    n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
-    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    n_q, n_k, d, d_v, batch, block_q, block_k = _blocked(n_q, n_k, d, d_v, batch, block_q, block_k)
     rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"K": n_k * d, "V": n_k * d_v, "Q": rows * d, "O": rows * d_v, "l": rows, "m": rows},
@@ -203,8 +206,7 @@ def fa2_forward(
     :func:`computed_keys`); at the end of step i write O_i and lse_i once: ``N_q (d_v + 1)``.
     O and lse are written (O = 0, lse = -inf) even for a fully masked query block, which loads nothing.
     """
-    n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
-    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    n_q, n_k, d, d_v, batch, block_q, block_k = _blocked(n_q, n_k, d, d_v, batch, block_q, block_k)
     keys, q_rows = computed_keys(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"Q": q_rows * d, "K": keys * d, "V": keys * d_v},
@@ -281,8 +283,7 @@ def fa1_backward(
     ``R = sum over computed tiles of r_i`` as in :func:`fa1_forward`. Line 5 (dQ, dK, dV = 0 in HBM)
     is not counted.
     """
-    n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
-    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    n_q, n_k, d, d_v, batch, block_q, block_k = _blocked(n_q, n_k, d, d_v, batch, block_q, block_k)
     rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     stats = {"lse": rows} if lse else {"l": rows, "m": rows}
     return batch * Traffic(
@@ -314,8 +315,7 @@ def fa2_backward(
     Line 15: per computed tile update dQ_i += dS K_j in HBM (an atomic add on a GPU): write ``r_i d``.
     Line 18: write dK_j, dV_j once per outer step: ``N_k (d + d_v)``.
     """
-    n_q, n_k, d, d_v, batch = _sizes(n_q, n_k, d, d_v, batch)
-    block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
+    n_q, n_k, d, d_v, batch, block_q, block_k = _blocked(n_q, n_k, d, d_v, batch, block_q, block_k)
     rows = computed_rows(n_q, n_k, block_q, block_k, causal)
     return batch * Traffic(
         reads={"O": n_q * d_v, "dO": n_q * d_v + rows * d_v, "K": n_k * d, "V": n_k * d_v}
