@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
@@ -190,6 +191,4 @@ def draw_roofline(
 
 
 def _colors(n: int) -> list:
-    import matplotlib
-
     return [matplotlib.colormaps["tab10"](i % 10) for i in range(n)]

@@ -244,3 +244,39 @@ def test_traffic_arithmetic_and_bytes():
 def test_bad_arguments_name_themselves(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --- plot helpers (flashlab.plots) --------------------------------------------------------------
+def test_plots_fit_slopes_and_update_lines_in_place():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from flashlab import plots
+
+    assert plots.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    ax = Figure().subplots()
+    ns = 2 ** np.arange(8, 14)
+    plot = plots.traffic_vs_n(ax, ns, 64, m=32768)
+    standard = plot.lines["standard"]
+    assert np.array_equal(standard.get_ydata(), [traffic.standard_forward(n, n, 64).elements for n in ns])
+    new = plots.sweep("n", ns, d=16, block_q=16, block_k=16)
+    slopes = plots.update_traffic(plot, ns, new)
+    assert plot.lines["standard"] is standard and np.array_equal(standard.get_ydata(), new["standard"])
+    assert plot.slopes == slopes and "slope" in standard.get_label()
+    with pytest.raises(ValueError, match="block_q and block_k, or m"):
+        plots.forward_elements("fa1", 128, 64)
+
+
+def test_roofline_ridge_and_missing_figures():
+    from flashlab import plots
+
+    h200 = plots.gpu_roof("H200", "bf16")
+    assert h200.ridge == pytest.approx(990e12 / 4.8e12)
+    assert h200.attainable(1.0) == pytest.approx(4.8e12) and h200.attainable(1e6) == pytest.approx(990e12)
+    with pytest.raises(ValueError, match="no fp32_flops_per_s for A100"):
+        plots.gpu_roof("A100", "fp32")
+    assert plots.gpu_roof("A100", "fp32", peak_flops=1e13).ridge == pytest.approx(1e13 / 2.0e12)
+    with pytest.raises(ValueError, match="precision"):
+        plots.gpu_roof("H200", "fp8")
