@@ -32,6 +32,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from flashlab.attention import naive_attention
 from flashlab.flash import flash_attention
@@ -176,8 +177,9 @@ def traffic_bytes(algorithm: str, n, d: int, block_q: int, block_k: int, causal:
     )
 
 
-def _fmt_bytes(b: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+def _fmt_bytes(b: float, _pos=None) -> str:
+    """``b`` bytes as ``"273 MB"`` (also a tick formatter: plain text renders faster than mathtext)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if b >= size:
             return f"{b / size:.3g} {unit}"
     return f"{b:.0f} B"
@@ -191,12 +193,20 @@ class BlockSizeView:
 
     def __init__(self):
         self.fig = Figure(figsize=(12, 5), dpi=DPI)
-        grid = self.fig.add_gridspec(1, 2, width_ratios=(1.8, 1), left=0.07, right=0.98, top=0.8, bottom=0.22)
+        grid = self.fig.add_gridspec(
+            1, 2, width_ratios=(1.8, 1), left=0.085, right=0.98, top=0.8, bottom=0.22
+        )
         ax, self.ax_grid = self.fig.add_subplot(grid[0]), self.fig.add_subplot(grid[1])
         self.ax = ax
         ax.set(xscale="log", yscale="log", xlabel="sequence length N (= N_q = N_k)")
-        ax.set_ylabel("forward HBM traffic (bytes, float32, one head)")
+        ax.set_ylabel("forward HBM traffic (float32, one head)")
         ax.set_xlim(SWEEP_N[0], SWEEP_N[-1])
+        ax.xaxis.set_major_locator(FixedLocator([4**p for p in range(3, 9)]))  # 64 .. 65536
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(base=10))
+        ax.yaxis.set_major_formatter(FuncFormatter(_fmt_bytes))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="major", alpha=0.3)
         self.lines = {alg: ax.plot([], [], lw=2, **style)[0] for alg, style in ALGORITHM_STYLE.items()}
         self.marks = {
