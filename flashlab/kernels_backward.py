@@ -10,7 +10,8 @@ Two kernels, as in FlashAttention-2:
    The block has ``WARPS`` warps of ``BLOCK_K`` threads: thread ``(t, w)`` owns key ``t`` and the
    query rows ``w, w + WARPS, ...`` of each Q tile, and accumulates its share of that key's
    ``dK_j, dV_j`` rows in local memory; at the end the warps' shares are summed in shared memory.
-   (One warp per block would do, but then an SM has too few warps to hide memory latency.)
+   (One warp per block would do, but shared memory then caps an SM at a handful of warps, too few to
+   hide memory latency.)
 
 **dQ by atomic adds.** ``dQ_i = sum_j scale dS_ij K_j`` sums over *all* K/V blocks, i.e. over thread
 blocks that run at the same time. Two ways to get it:
@@ -22,8 +23,8 @@ blocks that run at the same time. Two ways to get it:
   seven instead of five: 40% more FLOPs) that accumulates dQ on chip and writes it once.
 
 The atomics cost no extra FLOPs and keep one kernel. Their price: float addition is not associative
-and the order in which blocks add is not fixed, so dQ can differ between two runs in the last bits
-(about 1e-7 relative in float32); dK and dV are deterministic.
+and the order in which blocks add is not fixed, so dQ can differ between two runs by rounding (in its
+last bits); dK and dV are deterministic.
 
 Per tile ``(i, j)`` (lines 10-22 of Algorithm 4, with FlashAttention-2's ``lse`` and ``D``):
 Q_i and dO_i (``B_r x d``), ``lse_i`` and ``D_i`` are staged in shared memory; for each of its rows
