@@ -17,6 +17,12 @@ is the algorithm itself. Counting conventions (chapter 3's closed forms rely on 
   ``lse_i`` are written once. A query block that sees no key at all (causal with ``N_q > N_k``)
   reads nothing and writes its ``O_i = 0`` and ``lse_i = -inf``.
 - Causal tiles skipped by :func:`flashlab.tiles.tile_grid` are neither read nor computed.
+- SRAM (``hold``/``free``): ``Q_i``, ``K_j``, ``V_j``, ``O_i`` (FA2: the accumulator), ``m_i``,
+  ``l_i`` and the score tile, held as ``S`` and then, once exponentiated in place, as ``P``.
+  The peak is ``2 B_r d + 2 B_c d + B_r B_c + 2 B_r`` elements (``d_v = d``, full blocks) for both.
+
+``m`` and ``l`` are the running max and sum of the *scaled* scores ``tau q . k``, so
+``lse = m + log l`` matches :func:`flashlab.naive_attention`'s.
 """
 
 from __future__ import annotations
