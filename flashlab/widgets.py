@@ -34,25 +34,22 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+from flashlab import plots
 from flashlab.attention import naive_attention
 from flashlab.flash import flash_attention
 from flashlab.inputs import causal_mask, check_block
 from flashlab.memory import MemoryModel
 from flashlab.tiles import check_loop_order, n_blocks, tile_grid
-from flashlab.traffic import forward_traffic, paper_blocks, paper_sram_elements
+from flashlab.traffic import paper_blocks, paper_sram_elements
 
 DTYPE_BYTES = 4  # float32: what the NumPy algorithms compute in and the memory model counts
 DPI = 80
 N_CHOICES = tuple(2**p for p in range(7, 15))  # 128 .. 16384
 D_CHOICES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("standard", "fa1", "fa2")
 SWEEP_N = np.unique(np.geomspace(64, 65536, 41).astype(int))
 BUTTONS = {"button_width": "60px"}  # the loop-order toggle, on one line
 MAX_GRID_PIXELS = 512  # larger tile grids are drawn with every k-th tile (the counts stay exact)
-ALGORITHM_STYLE = {
-    "standard": dict(color="tab:red", label="standard attention (Algorithm 0)"),
-    "fa1": dict(color="tab:blue", label="FlashAttention, fa1 (Algorithm 1)"),
-    "fa2": dict(color="tab:green", label="FlashAttention-2, fa2"),
-}
 
 
 # --- the bridge: a figure as PNG bytes, an explorer as widget + static figure ---------------------
@@ -164,21 +161,8 @@ def _peak_bytes(rows: int, cols: int, d: int, loop_order: str) -> int:
     return memory.sram_peak_bytes
 
 
-def traffic_bytes(algorithm: str, n, d: int, block_q: int, block_k: int, causal: bool) -> np.ndarray:
-    """Forward HBM traffic in bytes (float32, one head, ``N_q = N_k = n``) for each ``n``."""
-    return np.array(
-        [
-            forward_traffic(
-                algorithm, int(x), int(x), d, block_q=block_q, block_k=block_k, causal=causal
-            ).nbytes(DTYPE_BYTES)
-            for x in np.atleast_1d(n)
-        ],
-        dtype=float,
-    )
-
-
 def _fmt_bytes(b: float, _pos=None) -> str:
-    """``b`` bytes as ``"273 MB"`` (also a tick formatter: plain text renders faster than mathtext)."""
+    """``b`` bytes as ``"273 MB"`` (also a tick formatter)."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if b >= size:
             return f"{b / size:.3g} {unit}"
@@ -198,22 +182,11 @@ class BlockSizeView:
         )
         ax, self.ax_grid = self.fig.add_subplot(grid[0]), self.fig.add_subplot(grid[1])
         self.ax = ax
-        ax.set(xscale="log", yscale="log", xlabel="sequence length N (= N_q = N_k)")
-        ax.set_ylabel("forward HBM traffic (float32, one head)")
-        ax.set_xlim(SWEEP_N[0], SWEEP_N[-1])
-        ax.xaxis.set_major_locator(FixedLocator([4**p for p in range(3, 9)]))  # 64 .. 65536
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.0f}"))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_locator(LogLocator(base=10))
-        ax.yaxis.set_major_formatter(FuncFormatter(_fmt_bytes))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, which="major", alpha=0.3)
-        self.lines = {alg: ax.plot([], [], lw=2, **style)[0] for alg, style in ALGORITHM_STYLE.items()}
+        self.traffic: plots.TrafficPlot | None = None  # drawn by the first draw(), then updated
         self.marks = {
-            alg: ax.plot([], [], "o", ms=9, mfc="white", mew=2, color=style["color"])[0]
-            for alg, style in ALGORITHM_STYLE.items()
+            alg: ax.plot([], [], "o", ms=9, mfc="white", mew=2, color=plots.STYLE[alg]["color"])[0]
+            for alg in ALGORITHMS
         }
-        ax.legend(loc="upper left", fontsize=9)
         self.point_text = ax.text(
             0.98, 0.04, "", transform=ax.transAxes, ha="right", va="bottom", fontsize=10
         )
@@ -231,17 +204,20 @@ class BlockSizeView:
         n, d = check_block("n", n), check_block("d", d)
         block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
         loop_order, causal = check_loop_order(loop_order), bool(causal)
-        for alg, line in self.lines.items():
-            line.set_data(SWEEP_N, traffic_bytes(alg, SWEEP_N, d, block_q, block_k, causal))
+        curves = plots.sweep("n", SWEEP_N, ALGORITHMS, d=d, block_q=block_q, block_k=block_k, causal=causal)
+        self._draw_traffic(curves)
+        for alg, line in self.traffic.lines.items():
             line.set_linewidth(3 if alg in ("standard", loop_order) else 1)
             line.set_alpha(1.0 if alg in ("standard", loop_order) else 0.45)
         at_n = {
-            alg: traffic_bytes(alg, n, d, block_q, block_k, causal)[0] for alg in ("standard", loop_order)
+            alg: DTYPE_BYTES
+            * plots.forward_elements(alg, n, d, block_q=block_q, block_k=block_k, causal=causal)
+            for alg in ("standard", loop_order)
         }
         for alg, mark in self.marks.items():
             mark.set_data([n] if alg in at_n else [], [at_n[alg]] if alg in at_n else [])
         self.ax.relim()
-        self.ax.autoscale_view(scalex=False)
+        self.ax.autoscale_view()
         self.point_text.set_text(
             f"at N = {n}: standard {_fmt_bytes(at_n['standard'])}, "
             f"{loop_order} {_fmt_bytes(at_n[loop_order])}\n"
@@ -263,6 +239,24 @@ class BlockSizeView:
             f"B_r = {block_q}, B_c = {block_k} (paper's rule for this M: {rule[0]}, {rule[1]}), "
             f"{loop_order}{', causal' if causal else ''}"
         )
+
+    def _draw_traffic(self, curves: dict[str, np.ndarray]) -> None:
+        """Lines of :mod:`flashlab.plots` (closed forms, fitted slopes in the legend), in bytes."""
+        if self.traffic is not None:
+            plots.update_traffic(self.traffic, SWEEP_N, curves, bytes_per_element=DTYPE_BYTES)
+            return
+        ax = self.ax
+        self.traffic = plots.draw_traffic(
+            ax, SWEEP_N, curves, xlabel="sequence length N (= N_q = N_k)", bytes_per_element=DTYPE_BYTES
+        )
+        ax.set_ylabel("forward HBM traffic (float32, one head)")
+        # plain-text ticks: N, and bytes as "1 MB" (mathtext labels take a third of a redraw)
+        ax.xaxis.set_major_locator(FixedLocator([4**p for p in range(3, 9)]))  # 64 .. 65536
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(base=10))
+        ax.yaxis.set_major_formatter(FuncFormatter(_fmt_bytes))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
     def _draw_grid(self, n, block_q, block_k, causal, loop_order) -> None:
         computed = tile_grid(n, n, block_q, block_k, causal)

@@ -59,7 +59,7 @@ def test_block_size_view_draws_the_closed_forms_and_marks_the_counted_point(p):
     view = W.BlockSizeView()
     view.draw(**p)
     n, d, bq, bk, causal = p["n"], p["d"], p["block_q"], p["block_k"], p["causal"]
-    for alg, line in view.lines.items():
+    for alg, line in view.traffic.lines.items():
         x, y = line.get_data()
         expected = [forward_traffic(alg, int(m), int(m), d, block_q=bq, block_k=bk, causal=causal) for m in x]
         assert np.array_equal(x, W.SWEEP_N)
@@ -135,7 +135,7 @@ def test_defaults_follow_the_papers_block_rule():
 def test_slider_changes_redraw_the_same_figure_in_place():
     before_pyplot, before_all = plt.get_fignums(), _figure_count()
     ex = W.block_size_explorer()
-    fig, lines, image = ex.view.fig, dict(ex.view.lines), ex.image.value
+    fig, lines, image = ex.view.fig, dict(ex.view.traffic.lines), ex.image.value
     for n in (256, 1024, 16384, 128, 4096):
         ex.controls["n"].value = n
         assert ex.view.marks["standard"].get_xdata()[0] == n
@@ -146,7 +146,7 @@ def test_slider_changes_redraw_the_same_figure_in_place():
     assert len(ex.view.marks["fa1"].get_xdata()) == 1 and len(ex.view.marks["fa2"].get_xdata()) == 0
     ex.controls["loop_order"].value = "fa2"
     assert len(ex.view.marks["fa2"].get_xdata()) == 1 and len(ex.view.marks["fa1"].get_xdata()) == 0
-    assert ex.view.fig is fig and ex.view.lines == lines
+    assert ex.view.fig is fig and ex.view.traffic.lines == lines
     assert len(ex.view.ax.lines) == 6 and len(ex.view.ax_grid.images) == 1
     del ex
     assert plt.get_fignums() == before_pyplot, "explorers must not open pyplot figures"
