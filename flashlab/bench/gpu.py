@@ -257,6 +257,7 @@ def main(argv: list[str]) -> int:
     meta = provenance()
     meta |= {
         "gpu": torch.cuda.get_device_name(),
+        "nvidia driver": _driver_version(),
         "cuda (torch build)": torch.version.cuda,
         "heads rule": f"heads = max(8, {ROWS_PER_RUN} // N), batch 1",
         "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events",
@@ -266,6 +267,22 @@ def main(argv: list[str]) -> int:
     path = write_results(args.out, rows, meta)
     print(f"wrote {len(rows)} rows to {path.name} in {meta['elapsed_s']} s")
     return 0
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it ("unknown" without nvidia-smi)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _backward(args, causal_values, t0) -> list[dict]:
