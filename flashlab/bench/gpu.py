@@ -253,7 +253,18 @@ def main(argv: list[str]) -> int:
                 del ref
             del q, k, v
             torch.cuda.empty_cache()
+            write_results(args.out, rows, _meta(args, t0, partial=True))  # a cut-off run keeps its rows
     rows += _backward(args, causal_values, t0)
+    meta = _meta(args, t0, partial=False)
+    path = write_results(args.out, rows, meta)
+    print(f"wrote {len(rows)} rows to {path.name} in {meta['elapsed_s']} s")
+    return 0
+
+
+def _meta(args, t0: float, partial: bool) -> dict:
+    """Provenance of this run (GPU, driver, CUDA, versions, date, command) and how it measured."""
+    import torch
+
     meta = provenance()
     meta |= {
         "gpu": torch.cuda.get_device_name(),
@@ -263,10 +274,9 @@ def main(argv: list[str]) -> int:
         "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events",
         "error": f"max |o - o_ref| over the first {REF_HEADS} heads, reference in float64 on the GPU",
         "elapsed_s": round(time.perf_counter() - t0, 1),
+        "complete": not partial,
     }
-    path = write_results(args.out, rows, meta)
-    print(f"wrote {len(rows)} rows to {path.name} in {meta['elapsed_s']} s")
-    return 0
+    return meta
 
 
 def _driver_version() -> str:
