@@ -48,7 +48,8 @@ def heads_for(n: int) -> int:
     return max(8, ROWS_PER_RUN // n)
 
 
-def _median_ms(fn, repeat: int, warmup: int) -> float:
+def median_ms(fn, repeat: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()`` on the GPU: ``warmup`` untimed calls, then CUDA events per call."""
     import torch
 
     for _ in range(warmup):
@@ -64,7 +65,8 @@ def _median_ms(fn, repeat: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _peak_bytes(fn) -> int:
+def peak_bytes(fn) -> int:
+    """``torch.cuda.max_memory_allocated`` over one call of ``fn()`` (what was live before included)."""
     import torch
 
     torch.cuda.synchronize()
@@ -176,8 +178,8 @@ def forward_row(impl, q, k, v, causal, ref, *, repeat, warmup) -> dict:
         out = run()
         err = float((out[:, :REF_HEADS].double() - ref).abs().max())
         del out
-        peak = _peak_bytes(run)
-        ms = _median_ms(run, repeat, warmup)
+        peak = peak_bytes(run)
+        ms = median_ms(run, repeat, warmup)
         row |= {"ms": ms, "tflops": attention_tflops(n, n, d, heads, ms / 1e3, causal)}
         row |= {"peak_mem_bytes": peak, "max_abs_err": err, "note": ""}
     except torch.cuda.OutOfMemoryError:
