@@ -66,7 +66,9 @@ class Explorer:
     ``controls`` maps each parameter of ``view.draw`` to the widget holding its value; ``rows`` lays
     the widgets out; ``follow(name, params)`` may return new values for other controls after control
     ``name`` changed (set before the one redraw). ``css_class`` marks the outer box (the browser test
-    finds the explorer by it).
+    finds the explorer by it). Under the figure, a text line repeats ``view.caption`` (what the figure
+    shows, in words: readable without the picture, and set after the picture, so it also says that a
+    redraw has arrived).
     """
 
     def __init__(
@@ -83,7 +85,9 @@ class Explorer:
         view.draw(**self.params())
         width = int(view.fig.get_figwidth() * view.fig.dpi)
         self.image = widgets.Image(value=png_bytes(view.fig), format="png", layout={"width": f"{width}px"})
-        self.widget = widgets.VBox([*rows, self.image])
+        self.status = widgets.Label(value=view.caption)
+        self.status.add_class("flashlab-status")
+        self.widget = widgets.VBox([*rows, self.image, self.status])
         self.widget.add_class(css_class)
         self._quiet = False
         for name, control in controls.items():
@@ -109,6 +113,7 @@ class Explorer:
         """Redraw the view's data for the current control values and refresh the image."""
         self.view.draw(**self.params())
         self.image.value = png_bytes(self.view.fig)
+        self.status.value = self.view.caption
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         data = self.widget._repr_mimebundle_(**kwargs)
@@ -198,6 +203,7 @@ class BlockSizeView:
         )
         self.sram_text = self.fig.text(0.01, 0.02, "", fontsize=11, ha="left", va="bottom")
         self.title = self.fig.suptitle("", fontsize=12, y=0.98)
+        self.caption = ""  # the verdict and the point, in words (set by draw)
 
     def draw(self, n, d, sram_kib, block_q, block_k, loop_order="fa1", causal=False) -> None:
         """Redraw for these parameters (validated as in :mod:`flashlab.traffic` and :mod:`flashlab.tiles`)."""
@@ -225,10 +231,13 @@ class BlockSizeView:
         )
         self._draw_grid(n, block_q, block_k, causal, loop_order)
         use = sram_use(n, d, sram_kib, block_q, block_k, loop_order)
-        verdict = "fits in SRAM" if use.fits else "does NOT fit in SRAM"
+        verdict = (
+            f"{'fits in SRAM' if use.fits else 'does NOT fit in SRAM'}: {use.used_bytes:,} B on chip "
+            f"of {use.capacity_bytes:,} B ({use.used_bytes / use.capacity_bytes:.0%})"
+        )
+        self.caption = f"{verdict}; N = {n}, B_r = {block_q}, B_c = {block_k}, {loop_order}"
         self.sram_text.set_text(
-            f"{verdict}: {use.used_bytes:,} B on chip of {use.capacity_bytes:,} B "
-            f"({use.used_bytes / use.capacity_bytes:.0%})\n"
+            f"{verdict}\n"
             f"= Q, O, K, V tiles {use.tiles_bytes:,} B (what the paper's rule budgets)"
             f" + score tile and row statistics {use.used_bytes - use.tiles_bytes:,} B"
         )
@@ -497,6 +506,7 @@ class StepView:
         self.part_l = self.ax_l.plot(rows, np.zeros(n_q), "o", color="tab:brown", ms=6)[0]
         self._set_limits()
         self.title = self.fig.suptitle("", fontsize=11, y=0.985)
+        self.caption = ""  # the title, on one line (set by draw)
 
     def _set_limits(self) -> None:
         """Fixed y-limits over every step of both loop orders and masks, so nothing jumps while stepping."""
@@ -552,6 +562,7 @@ class StepView:
             fontsize=10,
         )
         self.title.set_text(_describe_step(tile, len(run.trace)))
+        self.caption = self.title.get_text().replace("\n", "; ")
 
     def _tile_codes(self, run: Steps, step: int, causal: bool) -> np.ndarray:
         n_q, n_k = len(self.ex.q), len(self.ex.k)

@@ -210,6 +210,14 @@ def _wait_for_new_image(image, before: bytes, timeout_s: float = 30) -> bytes:
     raise AssertionError("the explorer's figure did not change")
 
 
+def _wait_for_text(page, locator, text: str) -> None:
+    """Until ``locator``'s text is ``text`` (a readout) or starts with it / contains it (a status line)."""
+    page.wait_for_function(
+        "([el, text]) => el.textContent.trim() === text || el.textContent.includes(text)",
+        arg=[locator.element_handle(), text],
+    )
+
+
 def _slider(explorer, label: str):
     """The slider of ``explorer`` whose description is exactly ``label``."""
     labels = explorer.locator(".widget-slider .widget-label").all_inner_texts()
@@ -226,7 +234,7 @@ def _press(page, handle, key: str, times: int = 1) -> None:
 def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(notebook):
     page = notebook
     explorer = page.locator(".flashlab-block-size")
-    image = explorer.locator("img").first
+    image, status = explorer.locator("img").first, explorer.locator(".flashlab-status")
     explorer.scroll_into_view_if_needed()
     _assert_no_errors(page)
     before = image.screenshot()
@@ -234,15 +242,15 @@ def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(noteb
     n_slider, m_slider, b_c = (_slider(explorer, label) for label in ("N", "SRAM M (KiB)", "B_c"))
     assert n_slider.locator(".widget-readout").inner_text().strip() == "4096"
     _press(page, n_slider.locator(".noUi-handle"), "ArrowRight")
-    page.wait_for_function(
-        "el => el.textContent.trim() === '8192'", arg=n_slider.locator(".widget-readout").element_handle()
-    )
+    _wait_for_text(page, n_slider.locator(".widget-readout"), "8192")
+    _wait_for_text(page, status, "N = 8192,")  # the kernel redrew for the new N
     after_n = _wait_for_new_image(image, before)
     # M one step down (192 -> 188 KiB): the blocks follow the paper's rule, B_c = ceil(M / 4d) = 188.
     _press(page, m_slider.locator(".noUi-handle"), "ArrowLeft")
-    b_c_readout = b_c.locator(".widget-readout").element_handle()
-    page.wait_for_function("el => el.textContent.trim() === '188'", arg=b_c_readout)
+    _wait_for_text(page, b_c.locator(".widget-readout"), "188")
+    _wait_for_text(page, status, "on chip of 192,512 B")  # 188 KiB
     _wait_for_new_image(image, after_n)
+    assert status.inner_text().startswith("fits in SRAM")
     explorer.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "block_size_explorer_after.png"))
     image.screenshot(path=str(SHOTS / "block_size_figure_after.png"))
@@ -252,18 +260,20 @@ def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(noteb
 def test_step_through_redraws_with_the_keyboard_and_plays(notebook):
     page = notebook
     explorer = page.locator(".flashlab-step-through")
-    image = explorer.locator("img").first
+    image, status = explorer.locator("img").first, explorer.locator(".flashlab-status")
     explorer.scroll_into_view_if_needed()
     before = image.screenshot()
     step = _slider(explorer, "tile visit")
     readout = step.locator(".widget-readout")
     assert readout.inner_text().strip() == "1"
     _press(page, step.locator(".noUi-handle"), "ArrowRight", times=3)
-    page.wait_for_function("el => el.textContent.trim() === '4'", arg=readout.element_handle())
+    _wait_for_text(page, readout, "4")
+    _wait_for_text(page, status, "fa2, tile visit 4 of 12:")  # the kernel caught up with every key press
     stepped = _wait_for_new_image(image, before)
     explorer.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "step_through_visit4.png"))
     explorer.get_by_role("button", name="fa1").click()
+    _wait_for_text(page, status, "fa1, tile visit 4 of 12:")
     toggled = _wait_for_new_image(image, stepped)
     explorer.locator(".widget-play button").first.click()  # play: the slider advances on its own
     page.wait_for_function("el => Number(el.textContent) >= 5", arg=readout.element_handle())

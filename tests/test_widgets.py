@@ -139,6 +139,7 @@ def test_slider_changes_redraw_the_same_figure_in_place():
     for n in (256, 1024, 16384, 128, 4096):
         ex.controls["n"].value = n
         assert ex.view.marks["standard"].get_xdata()[0] == n
+        assert ex.status.value.startswith("fits in SRAM") and f"N = {n}," in ex.status.value
         assert ex.image.value != image, "the image must change with N"
         image = ex.image.value
     ex.controls["causal"].value = True
@@ -266,6 +267,7 @@ def test_step_slider_play_and_toggles_redraw_in_place():
     assert (play.min, play.max) == (visit.min, visit.max)
     visit.value = 6
     assert ex.image.value != image
+    assert ex.status.value.startswith(f"fa2, tile visit 6 of {ex.view.n_steps}: tile (i=")
     np.testing.assert_array_equal(ex.view.part_m.get_ydata(), ex.view.steps("fa2", False).m[5])
     ex.controls["loop_order"].value = "fa1"
     np.testing.assert_array_equal(ex.view.part_m.get_ydata(), ex.view.steps("fa1", False).m[5])
