@@ -6,7 +6,7 @@ whose ``draw(**params)`` redraws their data in place, plus ipywidgets controls:
 - :func:`block_size_explorer` (view :class:`BlockSizeView`, static :func:`block_size_figure`):
   N, d, SRAM size M, B_r, B_c, loop order and causal mask -> HBM traffic against N for standard
   attention and FlashAttention (closed forms of :mod:`flashlab.traffic`) with the current N marked,
-  whether the tiles fit in SRAM (counted by :class:`flashlab.memory.MemoryModel`), and the
+  whether the tiles fit in SRAM (:func:`flashlab.traffic.sram_elements`, the memory model's peak), and the
   ``T_r x T_c`` tile grid of :func:`flashlab.tiles.tile_grid` (skipped causal tiles shaded).
 - :func:`step_through` (view :class:`StepView`, static :func:`step_figure`): the tile visits of a
   small example, from the ``trace`` of :func:`flashlab.flash.flash_attention`, one step at a time:
@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
-from functools import lru_cache
 from typing import NamedTuple
 
 import ipywidgets as widgets
@@ -38,9 +37,8 @@ from flashlab import plots
 from flashlab.attention import naive_attention
 from flashlab.flash import flash_attention
 from flashlab.inputs import causal_mask, check_block
-from flashlab.memory import MemoryModel
 from flashlab.tiles import check_loop_order, n_blocks, tile_grid
-from flashlab.traffic import paper_blocks, paper_sram_elements
+from flashlab.traffic import fitting_blocks, paper_blocks, paper_sram_elements, sram_elements
 
 DTYPE_BYTES = 4  # float32: what the NumPy algorithms compute in and the memory model counts
 DPI = 80
@@ -140,30 +138,17 @@ def sram_blocks(sram_kib: int, d: int) -> tuple[int, int]:
     return paper_blocks(check_block("sram_kib", sram_kib) * 1024 // DTYPE_BYTES, d)
 
 
-def sram_use(n: int, d: int, sram_kib: int, block_q: int, block_k: int, loop_order: str = "fa2") -> SramUse:
-    """What one step of ``loop_order`` holds on chip, against ``sram_kib`` KiB.
+def sram_use(n: int, d: int, sram_kib: int, block_q: int, block_k: int) -> SramUse:
+    """What one tile step holds on chip (either loop order), against an SRAM of ``sram_kib`` KiB.
 
-    Counted, not assumed: :func:`flashlab.flash.flash_attention` runs on one (largest) tile,
-    ``min(N, B_r) x min(N, B_c)``, with a :class:`~flashlab.memory.MemoryModel`; every tile of the
-    full problem is that size or smaller, so this is the full run's peak.
+    :func:`flashlab.traffic.sram_elements`: K_j, V_j, Q_i, O_i, the row statistics and the score tile,
+    blocks longer than N counted as N; this is the peak that :class:`flashlab.memory.MemoryModel`
+    counts in a run (``tests/test_widgets.py`` holds the two together).
     """
-    rows, cols = min(n, block_q), min(n, block_k)
-    peak = _peak_bytes(rows, cols, check_block("d", d), check_loop_order(loop_order))
-    tiles = paper_sram_elements(rows, cols, d) * DTYPE_BYTES
-    return SramUse(peak, tiles, check_block("sram_kib", sram_kib) * 1024)
-
-
-@lru_cache(maxsize=256)
-def _peak_bytes(rows: int, cols: int, d: int, loop_order: str) -> int:
-    """SRAM peak of one ``rows x cols`` tile of float32 attention, counted by the memory model."""
-    memory = MemoryModel()
-    q, k, v = (
-        np.zeros((rows, d), np.float32),
-        np.zeros((cols, d), np.float32),
-        np.zeros((cols, d), np.float32),
-    )
-    flash_attention(q, k, v, block_q=rows, block_k=cols, loop_order=loop_order, memory=memory)
-    return memory.sram_peak_bytes
+    n, d = check_block("n", n), check_block("d", d)
+    used = sram_elements(block_q, block_k, d, n_q=n, n_k=n) * DTYPE_BYTES
+    tiles = paper_sram_elements(min(n, block_q), min(n, block_k), d) * DTYPE_BYTES
+    return SramUse(used, tiles, check_block("sram_kib", sram_kib) * 1024)
 
 
 def _fmt_bytes(b: float, _pos=None) -> str:
@@ -230,12 +215,15 @@ class BlockSizeView:
             f"FlashAttention moves {at_n['standard'] / at_n[loop_order]:.1f}x fewer bytes"
         )
         self._draw_grid(n, block_q, block_k, causal, loop_order)
-        use = sram_use(n, d, sram_kib, block_q, block_k, loop_order)
+        use = sram_use(n, d, sram_kib, block_q, block_k)
         verdict = (
             f"{'fits in SRAM' if use.fits else 'does NOT fit in SRAM'}: {use.used_bytes:,} B on chip "
             f"of {use.capacity_bytes:,} B ({use.used_bytes / use.capacity_bytes:.0%})"
         )
         self.caption = f"{verdict}; N = {n}, B_r = {block_q}, B_c = {block_k}, {loop_order}"
+        if not use.fits:
+            fit_q, fit_k = fitting_blocks(sram_kib * 1024 // DTYPE_BYTES, d)
+            verdict += f"; the largest blocks of the paper's shape that fit: B_r = {fit_q}, B_c = {fit_k}"
         self.sram_text.set_text(
             f"{verdict}\n"
             f"= Q, O, K, V tiles {use.tiles_bytes:,} B (what the paper's rule budgets)"

@@ -17,7 +17,7 @@ from flashlab.attention import naive_attention
 from flashlab.flash import flash_attention
 from flashlab.memory import MemoryModel, SRAMOverflow
 from flashlab.tiles import tile_grid, visit_order
-from flashlab.traffic import forward_traffic, paper_blocks
+from flashlab.traffic import fitting_blocks, forward_traffic, paper_blocks
 from tests.strategies import assert_close
 
 FEW = settings(max_examples=8)  # each example draws a figure
@@ -99,9 +99,9 @@ def test_large_tile_grids_are_drawn_with_a_stride_but_counted_exactly():
 
 # --- the SRAM indicator against the memory model --------------------------------------------
 @given(block_params)
-def test_sram_indicator_is_the_memory_models_peak_of_the_full_run(p):
+def test_sram_indicator_is_the_memory_models_peak_of_a_full_run(p):
     n, d, bq, bk = p["n"], p["d"], p["block_q"], p["block_k"]
-    use = W.sram_use(n, d, p["sram_kib"], bq, bk, p["loop_order"])
+    use = W.sram_use(n, d, p["sram_kib"], bq, bk)
     assert use.capacity_bytes == p["sram_kib"] * 1024
     assert use.fits == (use.used_bytes <= use.capacity_bytes)
     full = _counted(p["loop_order"], n, d, bq, bk, p["causal"])
@@ -123,6 +123,10 @@ def test_indicator_text_says_whether_the_paper_blocks_fit(sram_kib, d, fits):
     text = view.sram_text.get_text()
     assert text.startswith("fits in SRAM" if fits else "does NOT fit in SRAM")
     assert f"{use.used_bytes:,} B on chip of {sram_kib * 1024:,} B" in text
+    if not fits:  # ... and suggests blocks that do fit
+        fit_q, fit_k = fitting_blocks(sram_kib * 1024 // 4, d)
+        assert f"that fit: B_r = {fit_q}, B_c = {fit_k}" in text
+        assert W.sram_use(params["n"], d, sram_kib, fit_q, fit_k).fits
 
 
 def test_defaults_follow_the_papers_block_rule():
