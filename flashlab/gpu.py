@@ -16,7 +16,7 @@ import numpy as np
 from numba import cuda
 
 from flashlab import device
-from flashlab.inputs import attention_inputs, check_scale
+from flashlab.inputs import attention_inputs
 from flashlab.kernels import (
     HEAD_DIMS,
     KERNELS,
@@ -98,12 +98,10 @@ def _is_torch_cuda(x) -> bool:
 
 
 def _stand_in(name: str, x) -> np.ndarray:
-    """A zero-byte NumPy stand-in with ``x``'s shape and dtype, so inputs.py can validate it."""
-    dtype = str(x.dtype).removeprefix("torch.")
-    if dtype not in ("float16", "float32", "float64"):
-        raise ValueError(f"{name}: the kernels compute in float32; got a {dtype} tensor, pass float32")
-    dtype = np.dtype(dtype)
-    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(x.shape), (0,) * x.dim())
+    """A zero-byte float32 NumPy stand-in with ``x``'s shape, so inputs.py can validate the shapes."""
+    if str(x.dtype) != "torch.float32":
+        raise ValueError(f"{name}: the kernels compute in float32, got a {x.dtype} tensor ({name}.float())")
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(x.shape), (0,) * x.dim())
 
 
 def _check_kernel_dims(q_shape, v_shape, dtype) -> int:
@@ -159,7 +157,7 @@ def _torch_flash(q, k, v, kernel, causal, scale, return_lse, tiles):
         if not _is_torch_cuda(x) or x.device != q.device:
             raise TypeError(f"{name} must be a CUDA tensor on {q.device} like q, got {type(x).__name__}")
     a = attention_inputs(*(_stand_in(name, x) for name, x in (("q", q), ("k", k), ("v", v))), scale)
-    d = _check_kernel_dims(a.q.shape, a.v.shape, np.result_type(*(_stand_in("q", x) for x in (q, k, v))))
+    d = _check_kernel_dims(a.q.shape, a.v.shape, np.float32)
     lead, n_q = a.q.shape[:-2], a.q.shape[-2]
     q3, k3, v3 = (
         x.expand(lead + tuple(x.shape[-2:])).reshape(-1, x.shape[-2], d).contiguous() for x in (q, k, v)
@@ -167,6 +165,6 @@ def _torch_flash(q, k, v, kernel, causal, scale, return_lse, tiles):
     o = torch.empty(q3.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q.device)
     spec = kernel_spec(kernel, d, causal, tiles)
-    launch(spec, *(cuda.as_cuda_array(x) for x in (q3, k3, v3, o, lse)), check_scale(scale, d))
+    launch(spec, *(cuda.as_cuda_array(x) for x in (q3, k3, v3, o, lse)), a.scale)
     o, lse = o.reshape(lead + (n_q, d)), lse.reshape(lead + (n_q,))
     return (o, lse) if return_lse else o
