@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -161,8 +162,14 @@ def notebook(browser, jupyterlab):
     base, token = jupyterlab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
-    page.problems = []
+    page.problems, page.outside = [], []
     page.on("pageerror", lambda error: page.problems.append(f"page error: {error}"))
+    page.on(
+        "request",
+        lambda request: (
+            None if request.url.startswith((base, "data:", "blob:")) else page.outside.append(request.url)
+        ),
+    )
     page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     _wait_for_idle_kernel(page)
@@ -283,6 +290,10 @@ def test_step_through_redraws_with_the_keyboard_and_plays(notebook):
     _assert_no_errors(page)
 
 
+def test_jupyterlab_calls_nothing_outside_this_machine(notebook):
+    assert notebook.outside == [], "no news, update checks or CDNs: the course works offline"
+
+
 def test_html_export_shows_the_static_figures(browser, tmp_path):
     out = tmp_path / "html"
     done = subprocess.run(
@@ -295,8 +306,11 @@ def test_html_export_shows_the_static_figures(browser, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto((out / f"{NOTEBOOK.stem}.html").as_uri())
+        # The export links MathJax and require.js from CDNs: offline (CI) they must not hold the page up.
+        page.route(re.compile(r"^https?://"), lambda route: route.abort())
+        page.goto((out / f"{NOTEBOOK.stem}.html").as_uri(), wait_until="domcontentloaded")
         images = page.locator('img[src^="data:image/png;base64,"]')
+        page.wait_for_function("() => [...document.images].every(i => i.complete)")
         assert images.count() >= 4, "both explorers' static figures and the two plain figures"
         widths = images.evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
         assert all(w > 300 for w in widths), widths
