@@ -288,6 +288,8 @@ def register_tiled_source(
     the next step's shared-memory loads while this step's FMAs run.
     Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index
     wrap-around test it emits for signed indices (that test cost ~2x in speed, see the notebook).
+    K/V tiles are single-buffered: numba has no asynchronous global-to-shared copy (``cp.async``),
+    so a second buffer could only remove one of the four barriers per tile, not hide the loads.
     """
     D, BR, BC, TM, TN, G, UN = d, rows, keys, tm, tn, g, unroll
     R = BR // TM  # row groups
