@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import time
 import tracemalloc
 from collections.abc import Callable
 from functools import partial
@@ -130,11 +131,44 @@ def cases(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[tuple[dict, Calla
     return out
 
 
-def measure(sizes, repeat: int, d: int = 64, seed: int = 0, progress: bool = True) -> list[dict]:
+def runnable_processes() -> int | None:
+    """How many threads the Linux kernel has ready to run right now (``None`` elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def wait_for_quiet(max_seconds: float, calm_seconds: float = 3.0, busy: int = 1) -> float:
+    """Wait until at most ``busy`` other threads are runnable for ``calm_seconds`` (up to ``max_seconds``).
+
+    Timings on a machine shared with other work scatter widely; starting each case on a quiet
+    machine makes the median meaningful. Returns the seconds waited (0 where this cannot be known).
+    """
+    t0 = time.monotonic()
+    calm_since = t0
+    while time.monotonic() - t0 < max_seconds:
+        running = runnable_processes()
+        if running is None:
+            return 0.0
+        now = time.monotonic()
+        if running > busy + 1:  # this process counts as one
+            calm_since = now
+        elif now - calm_since >= calm_seconds:
+            break
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def measure(
+    sizes, repeat: int, d: int = 64, seed: int = 0, progress: bool = True, quiet_wait: float = 0.0
+) -> list[dict]:
     """Time, peak memory and error of every case at every ``N`` in ``sizes``; one row each.
 
     Each case is timed in one block (warm-up, then ``repeat`` runs): alternating NumPy and torch
-    calls would let one library's idle-spinning helper threads slow the other down.
+    calls would let one library's idle-spinning helper threads slow the other down. With
+    ``quiet_wait > 0`` each case first waits (up to that many seconds) for a quiet machine.
     """
     from tqdm.auto import tqdm
 
@@ -147,6 +181,7 @@ def measure(sizes, repeat: int, d: int = 64, seed: int = 0, progress: bool = Tru
             reference = naive_attention(q.astype(np.float64), k, v)
             for row, call, peak_by in cases(q, k, v):
                 bar.set_postfix_str(f"N={n} {label(row)}")
+                waited = wait_for_quiet(quiet_wait) if quiet_wait > 0 else 0.0
                 with blas_threads(1 if row["workers"] > 1 and row["method"] != "sdpa" else None):
                     seconds = median_seconds(call, repeat=repeat, warmup=1)
                     peak = torch_peak(call) if peak_by == "torch" else tracemalloc_peak(call)
@@ -164,6 +199,7 @@ def measure(sizes, repeat: int, d: int = 64, seed: int = 0, progress: bool = Tru
                         "peak_by": "torch profiler" if peak_by == "torch" else "tracemalloc",
                         "max_abs_err_vs_float64": error,
                         "repeat": repeat,
+                        "waited_for_quiet_s": round(waited, 1),
                     }
                 )
                 bar.update()
@@ -240,6 +276,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashlab.bench cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="sequence lengths N")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each case wait up to this many seconds for a quiet machine (Linux; default 0: no wait)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the package's data/)")
     args = parser.parse_args(argv)
     if args.repeat < 1 or min(args.sizes) < 1:
@@ -249,7 +291,7 @@ def main(argv: list[str]) -> int:
     matplotlib.use("Agg")
     import torch
 
-    rows = measure(args.sizes, args.repeat)
+    rows = measure(args.sizes, args.repeat, quiet_wait=args.quiet_wait)
     summary = target_summary(rows)
     meta = provenance("python -m flashlab.bench cpu " + " ".join(argv)) | {
         "torch_threads": torch.get_num_threads(),
