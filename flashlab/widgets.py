@@ -159,6 +159,13 @@ def _fmt_bytes(b: float, _pos=None) -> str:
     return f"{b:.0f} B"
 
 
+def _compare(standard: float, flash: float) -> str:
+    """How many times fewer (or more) bytes FlashAttention moves than standard attention."""
+    if flash <= standard:
+        return f"FlashAttention moves {standard / flash:.1f}x fewer bytes"
+    return f"FlashAttention moves {flash / standard:.1f}x MORE bytes (blocks too small for this N)"
+
+
 GRID_CMAP = ListedColormap(["#9ecae1", "#4292c6", "#d9d9d9"])  # computed (checkered), skipped
 
 
@@ -211,8 +218,7 @@ class BlockSizeView:
         self.ax.autoscale_view()
         self.point_text.set_text(
             f"at N = {n}: standard {_fmt_bytes(at_n['standard'])}, "
-            f"{loop_order} {_fmt_bytes(at_n[loop_order])}\n"
-            f"FlashAttention moves {at_n['standard'] / at_n[loop_order]:.1f}x fewer bytes"
+            f"{loop_order} {_fmt_bytes(at_n[loop_order])}\n" + _compare(at_n["standard"], at_n[loop_order])
         )
         self._draw_grid(n, block_q, block_k, causal, loop_order)
         use = sram_use(n, d, sram_kib, block_q, block_k)

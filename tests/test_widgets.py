@@ -68,6 +68,8 @@ def test_block_size_view_draws_the_closed_forms_and_marks_the_counted_point(p):
         (mx,), (my,) = view.marks[alg].get_data()
         assert mx == n
         assert my == _counted(alg, n, d, bq, bk, causal).hbm_bytes, f"marked {alg} point != counted traffic"
+    std, fa = (view.marks[alg].get_ydata()[0] for alg in ("standard", p["loop_order"]))
+    assert ("fewer bytes" in view.point_text.get_text()) == (fa <= std)
     other = "fa1" if p["loop_order"] == "fa2" else "fa2"
     assert len(view.marks[other].get_xdata()) == 0, "only the chosen loop order is marked"
 
