@@ -1,7 +1,9 @@
 """flashlab: FlashAttention from first principles, with every step run, counted or measured.
 
 Importing flashlab decides, before numba is imported, whether numba.cuda kernels run on a GPU
-or in numba's CUDA simulator (see :mod:`flashlab.device`).
+or in numba's CUDA simulator (see :mod:`flashlab.device`). The GPU kernels live in
+:mod:`flashlab.gpu` (import it explicitly; it imports numba), the PyTorch bridge in
+:mod:`flashlab.torch`.
 """
 
 from flashlab import device as device
@@ -9,5 +11,18 @@ from flashlab import device as device
 device.select()
 
 from flashlab.attention import naive_attention  # noqa: E402
+from flashlab.backward import flash_attention_backward, naive_attention_backward  # noqa: E402
+from flashlab.flash import flash_attention  # noqa: E402
+from flashlab.memory import MemoryModel  # noqa: E402
+from flashlab.online_softmax import merge, online_attention  # noqa: E402
 
-__all__ = ["device", "naive_attention"]
+__all__ = [
+    "MemoryModel",
+    "device",
+    "flash_attention",
+    "flash_attention_backward",
+    "merge",
+    "naive_attention",
+    "naive_attention_backward",
+    "online_attention",
+]
