@@ -1,7 +1,8 @@
 """Every exercise, one way: its solution passes, an unattempted stub does not fail, it is used and indexed.
 
 Chapter-specific wrong answers (each rejected with the right words) are tested next to each chapter's
-code; this file holds what every exercise must satisfy, whichever chapter registered it.
+code (this file checks that such a test exists); this file holds what every exercise must satisfy,
+whichever chapter registered it.
 
 The README's exercise index is a section whose heading contains "Exercise" and which names every
 exercise in backticks on some line, e.g. a table row ``| `online_update` | 1 | the online softmax step |``.
@@ -92,3 +93,17 @@ def test_exercise_is_in_the_readme_index(name):
     index = _readme_index()
     assert index, "README.md has no exercise index (a heading containing 'Exercise')"
     assert f"`{name}`" in index, f"README.md's exercise index does not name `{name}`"
+
+
+def _tests_wrong_answers(path: Path, name: str) -> bool:
+    """Does the test file name exercise ``name`` (quoted) and expect a ``Mistake``?"""
+    text = path.read_text(encoding="utf-8")
+    return re.search(rf"[\"']{re.escape(name)}[\"']", text) is not None and "Mistake" in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_answers_are_tested_by_the_chapter(name):
+    chapter_tests = [p for p in sorted((ROOT / "tests").glob("test_*.py")) if p.name != Path(__file__).name]
+    assert any(_tests_wrong_answers(p, name) for p in chapter_tests), (
+        f"no chapter test rejects a wrong answer to {name!r} (pytest.raises(check.Mistake, ...))"
+    )
