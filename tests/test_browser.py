@@ -58,6 +58,12 @@ HTML_COMMAND = [
     "--ExecutePreprocessor.timeout=600",
     "--ExecutePreprocessor.store_widget_state=False",
 ]
+USER_SETTINGS = {
+    # no news toast (news_url=None stops the fetching, not the question)
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+    # the run must not write its outputs into the repository's notebook
+    "@jupyterlab/docmanager-extension:plugin": {"autosave": False},
+}
 STDERR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
 TIMEOUT_MS = 120_000
 
@@ -112,9 +118,10 @@ def jupyterlab(browser, tmp_path_factory):
     """``(base_url, token)`` of JupyterLab started as ``make lab`` does; stopped, kernels too, at the end."""
     tmp = tmp_path_factory.mktemp("jupyterlab")
     settings = tmp / "settings"
-    notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notification.parent.mkdir(parents=True)
-    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    for plugin, values in USER_SETTINGS.items():
+        path = settings / f"{plugin.replace(':', '/')}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
     port, token = _free_port(), secrets.token_hex(16)
     argv = lab.command(port, open_browser=False, token=token) + [
         f"--LabApp.user_settings_dir={settings}",
@@ -141,6 +148,9 @@ def jupyterlab(browser, tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not start:\n{log_path.read_text()[-3000:]}")
                 time.sleep(0.2)
+        for plugin, values in USER_SETTINGS.items():  # the settings above are the ones in force
+            in_force = _api(base, token, f"/lab/api/settings/{plugin}")["settings"]
+            assert {key: in_force[key] for key in values} == values, plugin
         yield base, token
     finally:
         try:  # kernels run in their own sessions: shut them down through the server first
