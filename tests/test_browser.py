@@ -6,9 +6,9 @@ checks and no language server. Chromium opens ``notebooks/06_explorers.ipynb``, 
 kernel, runs all cells, moves a slider of each explorer with the keyboard and checks that the figure
 changed and that no error or stderr output appeared. Screenshots go to ``build/browser/``.
 
-The HTML export (``make html``: nbconvert ``--execute`` with
-``--ExecutePreprocessor.store_widget_state=False``, so that the static figures, not the widget
-placeholders, are rendered) is opened in the same browser.
+The HTML export (``make html``: nbconvert ``--execute``, with static images ranked above widget views
+so that an explorer's output shows its figure rather than a widget that needs a CDN) is opened in the
+same browser, offline.
 
 Needs Debian's ``chromium`` at ``/usr/bin/chromium`` and ``playwright`` (the ``dev`` extra). Without
 them these tests skip and say how to enable them; with ``CI=true`` they fail instead.
@@ -56,7 +56,12 @@ HTML_COMMAND = [
     "html",
     "--execute",
     "--ExecutePreprocessor.timeout=600",
-    "--ExecutePreprocessor.store_widget_state=False",
+    # HTMLExporter's own order, with images before widget views (an explorer's output carries both; a
+    # widget without a PNG, e.g. interact, still renders from the stored widget state where online).
+    # Not store_widget_state=False: nbclient then fails on notebooks with Output widgets (interact).
+    "--NbConvertBase.display_data_priority=['application/javascript', 'text/html', 'text/markdown',"
+    " 'image/svg+xml', 'text/vnd.mermaid', 'text/latex', 'image/png', 'image/jpeg',"
+    " 'application/vnd.jupyter.widget-view+json', 'text/plain']",
 ]
 USER_SETTINGS = {
     # no news toast (news_url=None stops the fetching, not the question)
