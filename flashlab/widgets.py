@@ -16,7 +16,9 @@ whose ``draw(**params)`` redraws their data in place, plus ipywidgets controls:
 The plain ``*_figure`` functions draw the same figure once (a static figure for HTML export, GitHub,
 print). An explorer shows its figure as PNG in an ``ipywidgets.Image`` and redraws it on every change,
 so it needs nothing beyond ipywidgets in plain JupyterLab. Displayed, an explorer's output carries both
-the widget and the PNG of its first figure: JupyterLab shows the widget, a static renderer the figure.
+the widget and the PNG of its first figure: JupyterLab shows the widget, a static renderer the figure
+(nbconvert's HTML export prefers widget views to images unless told otherwise: ``make html`` ranks
+images first, see ``HTML_COMMAND`` in ``tests/test_browser.py``).
 """
 
 from __future__ import annotations
