@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name flashlab --display-name "flashlab (Python 3)"
+	$(BIN)/python -m flashlab.lab settings
 	touch $(STAMP)
 
 lab: setup
@@ -27,9 +28,8 @@ test: setup
 	$(BIN)/python -m pytest
 
 html: setup
-	rm -rf build/html && mkdir -p build/html
-	$(BIN)/python -m jupyter nbconvert --to html --execute \
-		--ExecutePreprocessor.timeout=600 --output-dir build/html notebooks/*.ipynb
+	rm -rf build/html
+	$(BIN)/python -m flashlab.lab html --out build/html
 	@echo "open build/html/00_attention.html"
 
 clean:

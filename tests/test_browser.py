@@ -46,26 +46,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# The `make html` command for one notebook (the Makefile runs it over notebooks/*.ipynb into build/html).
-HTML_COMMAND = [
-    sys.executable,
-    "-m",
-    "jupyter",
-    "nbconvert",
-    "--to",
-    "html",
-    "--execute",
-    "--ExecutePreprocessor.timeout=600",
-    # HTMLExporter's own order, with images before widget views (an explorer's output carries both; a
-    # widget without a PNG, e.g. interact, still renders from the stored widget state where online).
-    # Not store_widget_state=False: nbclient then fails on notebooks with Output widgets (interact).
-    "--NbConvertBase.display_data_priority=['application/javascript', 'text/html', 'text/markdown',"
-    " 'image/svg+xml', 'text/vnd.mermaid', 'text/latex', 'image/png', 'image/jpeg',"
-    " 'application/vnd.jupyter.widget-view+json', 'text/plain']",
-]
 USER_SETTINGS = {
-    # no news toast (news_url=None stops the fetching, not the question)
-    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+    **lab.LAB_SETTINGS,  # what `make lab` ships: no news or update checks
     # the run must not write its outputs into the repository's notebook
     "@jupyterlab/docmanager-extension:plugin": {"autosave": False},
 }
@@ -312,7 +294,7 @@ def test_jupyterlab_calls_nothing_outside_this_machine(notebook):
 def test_html_export_shows_the_static_figures(browser, tmp_path):
     out = tmp_path / "html"
     done = subprocess.run(
-        [*HTML_COMMAND, "--output-dir", str(out), str(NOTEBOOK)],
+        lab.html_command(out, [NOTEBOOK]),
         capture_output=True,
         text=True,
         timeout=600,

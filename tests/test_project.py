@@ -47,7 +47,12 @@ def test_notebook_is_committed_without_outputs(path):
         if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
     ]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
-    assert nb["metadata"]["kernelspec"]["name"] == "flashlab", f"{path.name}: kernel must be 'flashlab'"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_on_the_flashlab_kernel(path):
+    kernel = json.loads(path.read_text())["metadata"]["kernelspec"]["name"]
+    assert kernel == "flashlab", f"{path.name}: kernelspec is {kernel!r}; `make lab` registers 'flashlab'"
 
 
 def _free_port() -> int:
