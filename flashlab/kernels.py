@@ -245,16 +245,18 @@ def tiled_source(d: int, rows: int, keys: int, causal: bool):
 class RegisterLayout(NamedTuple):
     """Where each tile of :func:`register_tiled_source` sits in its dynamic shared memory (floats).
 
-    ``Qt[c, r]`` (Q tile transposed, row stride ``rows + 1``), ``Kt[c, j]`` (K tile transposed,
-    stride ``keys + 1``), ``P[r, j]`` (stride ``keys + g``; it reuses Kt's space once S is done),
-    ``V[j, c]`` (stride d) and ``red[g, r]`` (per-thread partial row maxima and sums).
-    The paddings make every shared-memory access of a warp bank-conflict free.
+    All tiles are row-major: ``Q[r, c]`` (row stride ``d + 4``), ``K[j, c]`` (stride ``d + 4``),
+    ``P[r, j]`` (stride ``keys + g``; it reuses K's space once S is done), ``V[j, c]`` (stride d)
+    and ``red[r, h]`` (stride g: the g per-thread partial row maxima and sums of row r).
+    Every row starts on a 16-byte boundary, so ``unroll`` adjacent floats can be read by one
+    8- or 16-byte load; the paddings shift consecutive rows by 4 (Q, K) or g (P) banks, so the
+    rows one warp reads at once sit on different banks.
     """
 
-    qt: int
-    kt: int
-    ps: int
-    vs: int
+    q: int
+    k: int
+    p: int
+    v: int
     red: int
     floats: int
     q_stride: int
@@ -263,11 +265,14 @@ class RegisterLayout(NamedTuple):
 
 
 def register_layout(d: int, rows: int, keys: int, g: int) -> RegisterLayout:
-    q_stride, k_stride, p_stride = rows + 1, keys + 1, keys + g
-    kt = d * q_stride
-    vs = kt + max(d * k_stride, rows * p_stride)
-    red = vs + keys * d
-    return RegisterLayout(0, kt, kt, vs, red, red + g * rows, q_stride, k_stride, p_stride)
+    q_stride, k_stride, p_stride = d + 4, d + 4, keys + g
+    k = rows * q_stride
+    v = k + max(keys * k_stride, rows * p_stride)
+    red = v + keys * d
+    return RegisterLayout(0, k, k, v, red, red + rows * g, q_stride, k_stride, p_stride)
+
+
+LOAD_COLUMNS = 8  # adjacent K/V columns a thread copies per step: 16 global loads in flight, then 16 stores
 
 
 @cache
@@ -277,26 +282,31 @@ def register_tiled_source(
     """Kernel 3: ``(rows / tm) * g`` threads; thread ``(rg, cg) = divmod(tid, g)`` owns
 
     - S rows ``rg + R*a`` (a < tm, R = rows/tm) by key columns ``cg + g*b`` (b < tn; keys = g*tn),
-    - O rows ``rg + R*a`` by head columns ``cg + g*b`` (b < d/g),
-    in registers. Strided ownership keeps every warp's shared-memory reads on distinct banks.
-    Per K/V tile: S = Q K^T from shared memory (each Q value read feeds tn FMAs, each K value tm),
-    scale by ``scale * log2(e)`` so that ``exp2`` is the exponential, mask (only in tiles that
-    cross the diagonal or the end of K), row max across the row's ``g`` threads through shared
-    memory, ``alpha``-rescale of O and l, P to shared memory, then O += P V. Row sums are
-    combined across threads only once, at the end (each thread keeps its columns' partial l).
-    ``unroll`` steps of the two inner loops are written out together, so the compiler can issue
-    the next step's shared-memory loads while this step's FMAs run.
+    - O rows ``rg + R*a`` by head columns ``col(b)`` (b < d/g): runs of ``w = min(4, d/g)``
+      adjacent columns, ``cg*w + (b % w)`` in each stretch of ``w*g`` columns,
+    in registers. The ``g`` threads of a row read one K (or V) row each at the same time: with the
+    paddings of :class:`RegisterLayout`, on distinct banks.
+    Per K/V tile: S = Q K^T from shared memory, ``unroll`` steps of the dot product at a time:
+    the ``unroll`` adjacent values of each Q row and K row a thread needs are read by one
+    8- or 16-byte load, and each feeds tn (Q) or tm (K) multiply-adds. Q was scaled by
+    ``scale * log2(e)`` once, when loaded, so that ``exp2`` is the exponential. Then: mask (only in
+    tiles that cross the diagonal or the end of K), row max across the row's ``g`` threads through
+    shared memory, ``alpha``-rescale of O and l, P to shared memory, O += P V, ``unroll`` keys
+    at a time in the same way. Row sums are combined across threads only once, at the end (each
+    thread keeps its columns' partial l).
     Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index
     wrap-around test it emits for signed indices (that test cost ~2x in speed, see the notebook).
     K/V tiles are single-buffered: numba has no asynchronous global-to-shared copy (``cp.async``),
-    so a second buffer could only remove one of the four barriers per tile, not hide the loads.
+    so a second buffer could only remove one of the four barriers per tile, not hide the loads;
+    each thread issues :data:`LOAD_COLUMNS` loads of K and of V before it stores any of them.
     """
-    D, BR, BC, TM, TN, G, UN = d, rows, keys, tm, tn, g, unroll
+    D, BR, BC, TM, TN, G, UN, LC = d, rows, keys, tm, tn, g, unroll, LOAD_COLUMNS
     R = BR // TM  # row groups
     TD = D // G  # O columns per thread
+    W = min(4, TD)  # O columns a thread owns side by side
     T = R * G  # threads per block
     lay = register_layout(D, BR, BC, G)
-    QT, KT, PS, VS, RED = lay.qt, lay.kt, lay.ps, lay.vs, lay.red
+    KB, PB, VB, RB = lay.k, lay.p, lay.v, lay.red  # tile offsets (Q at 0)
     QS, KS, PST = lay.q_stride, lay.k_stride, lay.p_stride
     CAUSAL = causal
 
@@ -306,9 +316,11 @@ def register_tiled_source(
         acc = cuda.local.array((TM, TD), float32)
         m_i = cuda.local.array(TM, float32)
         l_i = cuda.local.array(TM, float32)
-        qf = cuda.local.array(TM, float32)
-        kf = cuda.local.array(TN, float32)
-        vf = cuda.local.array(TD, float32)
+        qf = cuda.local.array((TM, UN), float32)
+        kf = cuda.local.array((TN, UN), float32)
+        vf = cuda.local.array((UN, TD), float32)
+        kr = cuda.local.array(LC, float32)
+        vr = cuda.local.array(LC, float32)
         bh = cuda.blockIdx.y
         r0 = cuda.blockIdx.x * BR
         tid = cuda.threadIdx.x
@@ -317,54 +329,62 @@ def register_tiled_source(
         scale2 = scale * LOG2E
         last_row = min(r0 + BR, n_q) - 1
         n_keys = min(n_k, last_row + offset + 1) if CAUSAL else n_k  # skip tiles above the diagonal
-        for e in range(tid, BR * D, T):  # Q tile, loaded once (if any key is visible), transposed
+        for e in range(tid, BR * D, T):  # Q tile, loaded once (if any key is visible), pre-scaled
             r = e // D
             c = e % D
-            smem[uint64(QT + c * QS + r)] = q[bh, r0 + r, c] if r0 + r < n_q and n_keys > 0 else ZERO
+            smem[uint64(r * QS + c)] = q[bh, r0 + r, c] * scale2 if r0 + r < n_q and n_keys > 0 else ZERO
         for a in range(TM):
             m_i[a] = NEG_INF
             l_i[a] = ZERO
             for b in range(TD):
                 acc[a, b] = ZERO
         for j0 in range(0, n_keys, BC):
-            for e in range(tid, BC * D, T):  # K tile (transposed) and V tile
-                jj = e // D
-                c = e % D
-                inside = j0 + jj < n_k
-                smem[uint64(KT + c * KS + jj)] = k[bh, j0 + jj, c] if inside else ZERO
-                smem[uint64(VS + jj * D + c)] = v[bh, j0 + jj, c] if inside else ZERO
+            for e in range(tid, BC * D // LC, T):  # K and V tiles, LC adjacent columns per step
+                jj = e // (D // LC)
+                c = e % (D // LC) * LC
+                if j0 + jj < n_k:
+                    for u in range(LC):  # all loads first: they wait for memory together
+                        kr[u] = k[bh, j0 + jj, c + u]
+                        vr[u] = v[bh, j0 + jj, c + u]
+                else:
+                    for u in range(LC):
+                        kr[u] = ZERO
+                        vr[u] = ZERO
+                for u in range(LC):
+                    smem[uint64(KB + jj * KS + c + u)] = kr[u]
+                    smem[uint64(VB + jj * D + c + u)] = vr[u]
             cuda.syncthreads()
             for a in range(TM):
                 for b in range(TN):
                     s[a, b] = ZERO
-            for c0 in range(0, D, UN):  # S micro-tile = Q K^T: tm + tn shared reads feed tm * tn FMAs
-                for c in range(c0, c0 + UN):  # unrolled: the next step's loads overlap these FMAs
-                    for a in range(TM):
-                        qf[a] = smem[uint64(QT + c * QS + rg + R * a)]
-                    for b in range(TN):
-                        kf[b] = smem[uint64(KT + c * KS + cg + G * b)]
+            for c0 in range(0, D, UN):  # S micro-tile = Q K^T: unroll adjacent values per load
+                for a in range(TM):
+                    for u in range(UN):
+                        qf[a, u] = smem[uint64((rg + R * a) * QS + c0 + u)]
+                for b in range(TN):
+                    for u in range(UN):
+                        kf[b, u] = smem[uint64(KB + (cg + G * b) * KS + c0 + u)]
+                for u in range(UN):
                     for a in range(TM):
                         for b in range(TN):
-                            s[a, b] += qf[a] * kf[b]
+                            s[a, b] += qf[a, u] * kf[b, u]
             edge = j0 + BC > n_k or (CAUSAL and j0 + BC - 1 > r0 + offset)  # tile needs masking
             for a in range(TM):
                 i = r0 + rg + R * a
                 mx = m_i[a]
                 for b in range(TN):
-                    x = s[a, b] * scale2
                     if edge:
                         j = j0 + cg + G * b
                         if j >= n_k or (CAUSAL and j > i + offset):
-                            x = NEG_INF
-                    s[a, b] = x
-                    mx = max(mx, x)
-                smem[uint64(RED + cg * BR + rg + R * a)] = mx
-            cuda.syncthreads()  # partial maxima written; Kt no longer read (P may overwrite it)
+                            s[a, b] = NEG_INF
+                    mx = max(mx, s[a, b])
+                smem[uint64(RB + (rg + R * a) * G + cg)] = mx
+            cuda.syncthreads()  # partial maxima written; K no longer read (P may overwrite it)
             for a in range(TM):
                 r = rg + R * a
                 mx = m_i[a]
                 for h in range(G):
-                    mx = max(mx, smem[uint64(RED + h * BR + r)])
+                    mx = max(mx, smem[uint64(RB + r * G + h)])
                 m_use = ZERO if mx == NEG_INF else mx  # a fully masked row stays 0, never nan
                 alpha = math.exp2(m_i[a] - m_use)
                 m_i[a] = mx
@@ -374,20 +394,22 @@ def register_tiled_source(
                 for b in range(TN):
                     p = math.exp2(s[a, b] - m_use)
                     l_i[a] += p
-                    smem[uint64(PS + r * PST + cg + G * b)] = p
+                    smem[uint64(PB + r * PST + cg + G * b)] = p
             cuda.syncthreads()
-            for j1 in range(0, BC, UN):  # O micro-tile += P V: tm + d/g shared reads feed tm * d/g FMAs
-                for jj in range(j1, j1 + UN):
-                    for a in range(TM):
-                        qf[a] = smem[uint64(PS + (rg + R * a) * PST + jj)]
+            for j1 in range(0, BC, UN):  # O micro-tile += P V, unroll keys per load
+                for a in range(TM):
+                    for u in range(UN):
+                        qf[a, u] = smem[uint64(PB + (rg + R * a) * PST + j1 + u)]
+                for u in range(UN):
                     for b in range(TD):
-                        vf[b] = smem[uint64(VS + jj * D + cg + G * b)]
+                        vf[u, b] = smem[uint64(VB + (j1 + u) * D + b // W * W * G + cg * W + b % W)]
+                for u in range(UN):
                     for a in range(TM):
                         for b in range(TD):
-                            acc[a, b] += qf[a] * vf[b]
+                            acc[a, b] += qf[a, u] * vf[u, b]
             cuda.syncthreads()
         for a in range(TM):  # the row sum l: add the g partial sums of each row
-            smem[uint64(RED + cg * BR + rg + R * a)] = l_i[a]
+            smem[uint64(RB + (rg + R * a) * G + cg)] = l_i[a]
         cuda.syncthreads()
         for a in range(TM):
             r = rg + R * a
@@ -395,10 +417,10 @@ def register_tiled_source(
             if i < n_q:
                 l = ZERO  # noqa: E741
                 for h in range(G):
-                    l += smem[uint64(RED + h * BR + r)]  # noqa: E741
+                    l += smem[uint64(RB + r * G + h)]  # noqa: E741
                 inv = ONE / l if l > ZERO else ZERO
                 for b in range(TD):
-                    o[bh, i, cg + G * b] = acc[a, b] * inv
+                    o[bh, i, b // W * W * G + cg * W + b % W] = acc[a, b] * inv
                 if cg == 0:
                     lse[bh, i] = (m_i[a] + math.log2(l)) * LN2 if l > ZERO else NEG_INF
 
@@ -413,10 +435,10 @@ DEFAULT_TILES = {
     "rowwise": {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS},
     "tiled": {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS},
     "register_tiled": {
-        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
-        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
-        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
-        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 2},
+        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
     },
 }
 
