@@ -435,9 +435,9 @@ DEFAULT_TILES = {
     "rowwise": {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS},
     "tiled": {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS},
     "register_tiled": {
-        16: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-        32: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-        64: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+        16: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
+        32: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
+        64: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
         128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
     },
 }
