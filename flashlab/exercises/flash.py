@@ -1,7 +1,7 @@
 """Chapter 2 exercise: FlashAttention-2's inner update for one tile.
 
 The learner writes ``tile_update(m, l, acc, s, v) -> (m_new, l_new, acc_new)``: the body of FA2's
-inner loop (Dao 2023, Algorithm 1, lines 8-10) for a block of query rows, given their running max
+inner loop over key blocks (Dao 2023, Algorithm 1) for a block of query rows, given their running max
 ``m``, running sum ``l`` and unnormalised accumulator ``acc``, and one tile of scaled scores ``S``
 with its values ``V``. The checker walks tiles of real attention problems one at a time and, at
 every step, compares the learner's new state with :func:`fa2_tile_update` started from the same
@@ -34,12 +34,12 @@ def fa2_tile_update(m, l, acc, s, v):  # noqa: E741 (the paper's name)
     not yet divided by ``l``; ``s (rows, cols)``: the tile's scaled scores, ``-inf`` where masked;
     ``v (cols, d_v)``. Returns the new ``(m, l, acc)``; after the last tile ``O = acc / l``.
     """
-    m_new = np.maximum(m, s.max(axis=1))  # line 8: the running max, never the tile's alone
+    m_new = np.maximum(m, s.max(axis=1))  # the running max, never the tile's alone
     m_sub = np.where(np.isneginf(m_new), 0.0, m_new)  # a row with no score yet: exp(-inf - 0) = 0, not nan
-    p = np.exp(s - m_sub[:, None])  # line 8: P = exp(S - m_new), at most 1
+    p = np.exp(s - m_sub[:, None])  # P = exp(S - m_new), at most 1
     alpha = np.exp(m - m_sub)  # rescales what was summed under the old max (0 for an empty row)
-    l_new = alpha * l + p.sum(axis=1)  # line 9
-    acc_new = alpha[:, None] * acc + p @ v  # line 10: still unnormalised; divide by l once, at the end
+    l_new = alpha * l + p.sum(axis=1)
+    acc_new = alpha[:, None] * acc + p @ v  # still unnormalised: divide by l once, at the end
     return m_new, l_new, acc_new
 
 
