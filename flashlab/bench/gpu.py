@@ -76,7 +76,7 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated()
 
 
-def _causal_mask(n: int, device_):
+def causal_mask(n: int, device_):
     import torch
 
     return torch.ones(n, n, dtype=torch.bool, device=device_).triu(1)
@@ -89,7 +89,7 @@ def _reference(q, k, v, causal: bool, scale: float):
     q, k, v = (x[:, :REF_HEADS].double() for x in (q, k, v))
     s = scale * q @ k.transpose(-1, -2)
     if causal:
-        s = s.masked_fill(_causal_mask(s.shape[-1], s.device), -math.inf)
+        s = s.masked_fill(causal_mask(s.shape[-1], s.device), -math.inf)
     return torch.softmax(s, dim=-1) @ v
 
 
@@ -122,7 +122,7 @@ def _flashlab(kernel: str):
 def _naive_fp32(q, k, v, causal, scale):
     import torch
 
-    mask = _causal_mask(q.shape[-2], q.device) if causal else None
+    mask = causal_mask(q.shape[-2], q.device) if causal else None
 
     def run():
         s = scale * q @ k.transpose(-1, -2)

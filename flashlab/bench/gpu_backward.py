@@ -39,7 +39,7 @@ def _reference(q, k, v, do, causal: bool, scale: float):
         q64, k64, v64 = (x[:, h].double().requires_grad_() for x in (q, k, v))
         s = scale * q64 @ k64.transpose(-1, -2)
         if causal:
-            s = s.masked_fill(forward_bench._causal_mask(s.shape[-1], s.device), -math.inf)
+            s = s.masked_fill(forward_bench.causal_mask(s.shape[-1], s.device), -math.inf)
         lse = torch.logsumexp(s, dim=-1)
         o = torch.exp(s - lse[..., None]) @ v64
         grads = torch.autograd.grad(o, (q64, k64, v64), do[:, h].double())
@@ -132,8 +132,8 @@ def backward_rows(
                         for g, x in zip(grads, "qkv", strict=True)
                     )
                     del grads
-                    peak = forward_bench._peak_bytes(step)
-                    ms = forward_bench._median_ms(step, repeat, warmup)
+                    peak = forward_bench.peak_bytes(step)
+                    ms = forward_bench.median_ms(step, repeat, warmup)
                     tflops = BACKWARD_FLOP_FACTOR * attention_tflops(n, n, d, heads, ms / 1e3, is_causal)
                     row |= {
                         "ms": ms,
