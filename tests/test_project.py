@@ -6,6 +6,7 @@ import json
 import secrets
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -98,3 +99,10 @@ def test_make_lab_command_serves_the_course(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_ruff_is_clean():
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
