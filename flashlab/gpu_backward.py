@@ -9,6 +9,7 @@ kernel source executed thread by thread in Python: exact, but slow, so keep it t
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
 from numba import cuda
@@ -16,13 +17,22 @@ from numba import cuda
 from flashlab import device
 from flashlab.backward import check_saved, gradients_to_inputs
 from flashlab.inputs import attention_inputs, causal_offset, check_scale
+from flashlab.kernels import STATIC_SHARED_LIMIT
 from flashlab.kernels_backward import (
-    BLOCK_K,
+    BACKWARD_TILES,
     HEAD_DIMS,
     PREPROCESS_THREADS,
-    WARPS,
-    backward_kernel,
+    backward_source,
     preprocess_kernel,
+    shared_bytes,
+    threads_per_block,
+)
+
+# the signature the backward kernel is compiled for on a GPU (see flashlab.kernels_backward)
+SIGNATURE = (
+    "void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "float32[:, ::1], float32[:, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "float32, int64)"
 )
 
 
@@ -32,6 +42,24 @@ def _check_head_dims(d: int, d_v: int) -> None:
             f"the backward kernel needs head dims d = d_v in {HEAD_DIMS}, got d={d}, d_v={d_v}; "
             "use flashlab.backward.flash_attention_backward (NumPy) for other sizes"
         )
+
+
+@cache
+def compiled(d: int, causal: bool):
+    """:func:`~flashlab.kernels_backward.backward_source` compiled by ``numba.cuda.jit`` (fast math:
+    ``exp2`` by the special-function unit), allowed the dynamic shared memory it needs."""
+    if device.MODE != "gpu":
+        return cuda.jit(backward_source(d, causal))
+    bounds = (threads_per_block(d), BACKWARD_TILES[d]["blocks"])  # registers for that many blocks per SM
+    kern = cuda.jit(SIGNATURE, fastmath=True, launch_bounds=bounds)(backward_source(d, causal))
+    if shared_bytes(d) > STATIC_SHARED_LIMIT:  # opt in to more than 48 KiB of dynamic shared memory
+        from numba.cuda.cudadrv.driver import binding, driver
+
+        func = next(iter(kern.overloads.values()))._codelibrary.get_cufunc()
+        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        driver.cuKernelSetAttribute(attr, shared_bytes(d), func.handle, func.device.id)
+        func.set_shared_memory_carveout(100)
+    return kern
 
 
 def launch(q, k, v, o, lse, do, delta, dq, dk, dv, *, scale: float, causal: bool) -> None:
@@ -48,9 +76,9 @@ def launch(q, k, v, o, lse, do, delta, dq, dk, dv, *, scale: float, causal: bool
     if n_q:
         preprocess_kernel[(math.ceil(n_q / PREPROCESS_THREADS), n_b), PREPROCESS_THREADS](o, do, delta, dq)
     if n_k:
-        grid = (math.ceil(n_k / BLOCK_K), n_b)
-        backward_kernel(d)[grid, (BLOCK_K, WARPS)](
-            q, k, v, do, lse, delta, dq, dk, dv, np.float32(scale), causal_offset(n_q, n_k), bool(causal)
+        grid = (math.ceil(n_k / BACKWARD_TILES[d]["keys"]), n_b)
+        compiled(d, bool(causal))[grid, threads_per_block(d), 0, shared_bytes(d)](
+            q, k, v, do, lse, delta, dq, dk, dv, np.float32(scale), causal_offset(n_q, n_k)
         )
 
 

@@ -4,38 +4,55 @@ Two kernels, as in FlashAttention-2:
 
 1. :func:`preprocess_kernel`, one thread per query row: ``D_i = rowsum(dO_i * O_i)`` (the pre-pass of
    :func:`flashlab.backward.row_dot`) and ``dQ_i = 0`` (Algorithm 4, line 5).
-2. :func:`backward_kernel` (one compiled kernel per head dim ``d``): **one thread block per K/V block**
-   ``j`` of ``BLOCK_K`` keys. The grid is the outer loop of Algorithm 4 (line 6); each block walks
-   the Q blocks (line 9) and keeps ``dK_j, dV_j`` on chip (line 8), written once at the end (line 24).
-   The block has ``WARPS`` warps of ``BLOCK_K`` threads: thread ``(t, w)`` owns key ``t`` and the
-   query rows ``w, w + WARPS, ...`` of each Q tile, and accumulates its share of that key's
-   ``dK_j, dV_j`` rows in local memory; at the end the warps' shares are summed in shared memory.
-   (One warp per block would do, but shared memory then caps an SM at a handful of warps, too few to
-   hide memory latency.)
+2. :func:`backward_source` (one compiled kernel per head dim ``d`` and causal flag): **one thread
+   block per K/V block** ``j`` of ``B_c`` keys. The grid is the outer loop of Algorithm 4 (line 6);
+   each block walks the Q blocks (line 9) and keeps ``dK_j, dV_j`` on chip (line 8), in registers,
+   written once at the end (line 24).
+
+**Register micro-tiles** (the forward's fast kernel, :func:`flashlab.kernels.register_tiled_source`,
+taught the lessons used here). The block has ``(B_c / tk) * g`` threads; thread
+``(kg, cg) = divmod(tid, g)`` owns
+
+- keys ``kg + R*a`` (``a < tk``, ``R = B_c / tk``) by Q-tile rows ``cg + g*b`` (``b < tn``, ``B_r = g*tn``)
+  of ``S, P, dP, dS``, in registers;
+- the same keys by head columns ``col(b)`` (``b < d/g``: runs of ``w = min(4, d/g)`` adjacent columns,
+  ``cg*w + (b % w)`` in each stretch of ``w*g``) of ``dK_j`` and ``dV_j``, in registers, for the
+  whole kernel: no thread shares a dK or dV element, so they are written straight from registers;
+- for the dQ step, Q-tile rows ``qr*tq + a`` by head columns ``qc + q_c*c`` of ``dS K_j``, where
+  ``(qr, qc) = divmod(tid, q_c)`` and ``q_c = min(32, d)``: the lanes of a warp take adjacent columns
+  of the same rows.
+
+Every value a thread reads from shared memory feeds several multiply-adds (``tk`` or ``tn`` of them in
+``S`` and ``dP``, ``tk`` or ``d/g`` in ``dK`` and ``dV``), and ``unroll`` adjacent floats are read by
+one 8- or 16-byte load. Per Q tile (lines 10-22 of Algorithm 4, with FlashAttention-2's ``lse``, ``D``):
+
+1. stage ``Q_i`` (times ``scale * log2 e``, so that ``exp2`` is the exponential, as in the forward),
+   ``dO_i``, ``lse_i * log2 e`` and ``D_i`` in shared memory (line 10);
+2. ``S^T = K_j Q_i^T`` and ``dP^T = V_j dO_i^T`` for the thread's micro-tile (lines 11 and 17), then
+   ``P = exp2(S - lse)`` (line 13; masked only in tiles that cross the diagonal or an end) and
+   ``dS = P (dP - D)`` (line 20); ``P`` and ``dS`` go to shared memory, key-major (``P^T``, ``dS^T``);
+3. ``dV_j += P^T dO_i`` and ``dK_j += dS^T Q_i`` (lines 16 and 22) into the thread's registers, and
+   ``dQ_i += scale dS K_j`` (line 21) by atomic adds.
+
+Three barriers per Q tile. Shared memory (one dynamic array, :func:`backward_layout`) holds ``K_j, V_j``
+for the whole kernel and ``Q_i, dO_i, P^T, dS^T`` of one tile: more than the 48 KiB a kernel may
+declare statically, so the launcher opts in to more (see :mod:`flashlab.gpu_backward`).
+Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index wrap-around test.
 
 **dQ by atomic adds.** ``dQ_i = sum_j scale dS_ij K_j`` sums over *all* K/V blocks, i.e. over thread
 blocks that run at the same time. Two ways to get it:
 
 - atomic adds (chosen, as FlashAttention-2 does): each thread block adds its ``B_r x d`` partial
   ``scale dS_ij K_j`` to dQ in global memory, one ``atomicAdd`` per element per tile: ``T_c N_q d``
-  atomics in all, the read-modify-write of Algorithm 4's line 21 done by the memory system;
+  atomics in all, the read-modify-write of Algorithm 4's line 21 done by the memory system. The
+  threads of a warp add to adjacent floats of one row (for ``d >= 32``: one 128-byte line per warp
+  instruction);
 - a separate pass over Q blocks recomputing ``S`` and ``dP`` (two more ``B_r x B_c x d`` matmuls per tile,
   seven instead of five: 40% more FLOPs) that accumulates dQ on chip and writes it once.
 
 The atomics cost no extra FLOPs and keep one kernel. Their price: float addition is not associative
 and the order in which blocks add is not fixed, so dQ can differ between two runs by rounding (in its
 last bits); dK and dV are deterministic.
-
-Per tile ``(i, j)`` (lines 10-22 of Algorithm 4, with FlashAttention-2's ``lse`` and ``D``):
-Q_i and dO_i (``B_r x d``), ``lse_i`` and ``D_i`` are staged in shared memory; for each of its rows
-``r``, thread ``(t, w)`` computes ``S[r, t]`` and ``dP[r, t]`` against its key ``K_j[t]``, ``V_j[t]``
-(held in shared memory, rows padded by one float so that 32 threads reading 32 different rows hit 32
-different banks), then ``P = exp(S - lse)``, ``dS = P * (dP - D)``, adds ``P[r, t] dO_i[r]`` to its
-``dV_j[t]`` and ``dS[r, t] Q_i[r]`` to its ``dK_j[t]``, and stores ``dS[r, t]`` in shared memory;
-after a barrier the block computes ``dS K_j`` (``B_r x d``) cooperatively and adds it into dQ.
-
-Shared memory is ``4 (2 B_c (d + 1) + 2 B_r d + B_r B_c + 2 B_r)`` bytes; ``B_r`` per ``d`` keeps it
-under the 48 KiB a numba kernel may declare statically (:data:`BLOCK_Q`).
 
 (This module is imported as part of :mod:`flashlab`, whose import has already chosen GPU or simulator
 before numba is first imported.)
@@ -45,21 +62,68 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import NamedTuple
 
-from numba import cuda, float32
+from numba import cuda, float32, uint64
 
-from flashlab.kernels import HEAD_DIMS
+from flashlab.kernels import HEAD_DIMS, LN2, LOAD_COLUMNS, LOG2E, ZERO
 
-BLOCK_K = 32  # B_c: keys per thread block = threads per warp
-WARPS = 4  # warps per thread block; they split each Q tile's rows
-BLOCK_Q = {16: 64, 32: 64, 64: 32, 128: 8}  # B_r per head dim d (HEAD_DIMS): shared memory <= 48 KiB
+# Tiles per head dim: B_c = keys (per thread block) = tk * R, B_r = rows (per Q tile) = g * tn;
+# blocks: thread blocks an SM should hold at once (the compiler keeps registers to what that allows;
+# at d = 128 the shared memory of one block leaves no room for a second).
+BACKWARD_TILES = {
+    16: {"keys": 64, "rows": 64, "tk": 4, "tn": 4, "g": 16, "unroll": 4, "blocks": 2},
+    32: {"keys": 64, "rows": 64, "tk": 4, "tn": 4, "g": 16, "unroll": 4, "blocks": 2},
+    64: {"keys": 64, "rows": 64, "tk": 4, "tn": 4, "g": 16, "unroll": 4, "blocks": 2},
+    128: {"keys": 64, "rows": 32, "tk": 4, "tn": 2, "g": 16, "unroll": 4, "blocks": 1},
+}
 PREPROCESS_THREADS = 128
 
 
+class BackwardLayout(NamedTuple):
+    """Where each tile of :func:`backward_source` sits in its dynamic shared memory (offsets in floats).
+
+    ``K_j[j, c]``, ``V_j[j, c]``, ``Q_i[r, c]``, ``dO_i[r, c]``: row stride ``d + 4``; ``P^T[j, r]``,
+    ``dS^T[j, r]``: row stride ``B_r + g``; then ``lse_i`` and ``D_i`` (``B_r`` floats each). Every row
+    starts on a 16-byte boundary (one load can read 4 adjacent floats); the paddings put the rows that
+    one warp reads or writes at the same time on different banks (for ``P^T``, ``dS^T``: with ``tn`` even,
+    consecutive keys start ``g`` banks apart).
+    """
+
+    k: int
+    v: int
+    q: int
+    do: int
+    p: int
+    ds: int
+    lse: int
+    delta: int
+    floats: int
+    stride: int
+    p_stride: int
+
+
+def backward_layout(d: int, keys: int, rows: int, g: int) -> BackwardLayout:
+    stride, p_stride = d + 4, rows + g
+    k, v = 0, keys * stride
+    q = 2 * keys * stride
+    do = q + rows * stride
+    p = do + rows * stride
+    ds = p + keys * p_stride
+    lse = ds + keys * p_stride
+    return BackwardLayout(k, v, q, do, p, ds, lse, lse + rows, lse + 2 * rows, stride, p_stride)
+
+
+def threads_per_block(d: int) -> int:
+    """Threads in one thread block of :func:`backward_source`: ``(keys / tk) * g``."""
+    t = BACKWARD_TILES[d]
+    return t["keys"] // t["tk"] * t["g"]
+
+
 def shared_bytes(d: int) -> int:
-    """Shared memory one thread block of :func:`backward_kernel` declares, in bytes."""
-    b_r, b_c = BLOCK_Q[d], BLOCK_K
-    return 4 * (2 * b_c * (d + 1) + 2 * b_r * d + b_r * b_c + 2 * b_r)
+    """Dynamic shared memory one thread block of :func:`backward_source` needs, in bytes."""
+    t = BACKWARD_TILES[d]
+    return 4 * backward_layout(d, t["keys"], t["rows"], t["g"]).floats
 
 
 @cuda.jit(fastmath=True)
@@ -79,110 +143,174 @@ def preprocess_kernel(o, do, delta, dq):
             dq[b, i, c] = 0
 
 
-@cuda.jit(device=True)
-def load_rows(dst_a, dst_b, src_a, src_b, b, row0, n, cols, t, threads):
-    """Stage rows ``row0 ..`` of ``src_a[b]``, ``src_b[b]`` (``cols`` columns) in shared ``dst_a``, ``dst_b``.
-
-    The ``threads`` threads of the block split the elements, consecutive threads taking consecutive
-    columns (coalesced reads); rows at or past ``n`` are filled with zeros.
-    """
-    for e in range(t, dst_a.shape[0] * cols, threads):
-        r = e // cols
-        c = e - r * cols
-        inside = row0 + r < n
-        dst_a[r, c] = src_a[b, row0 + r, c] if inside else float32(0)
-        dst_b[r, c] = src_b[b, row0 + r, c] if inside else float32(0)
-
-
 @cache
-def backward_kernel(d: int):
-    """The backward kernel for head dim ``d`` (tile sizes and local arrays are compile-time constants).
+def backward_source(d: int, causal: bool):
+    """The backward kernel's source for head dim ``d`` (tiles of :data:`BACKWARD_TILES`, compile-time).
 
-    Launch: grid ``(ceil(N_k / BLOCK_K), B)``, block ``(BLOCK_K, WARPS)`` threads. Arguments:
-    ``q, do, dq (B, N_q, d)``; ``k, v, dk, dv (B, N_k, d)``; ``lse, delta (B, N_q)``, all float32;
-    ``scale`` (float32), ``offset = N_k - N_q`` (bottom-right causal: query i sees key j iff
-    ``j <= i + offset``), ``causal`` (bool). ``dq`` must hold zeros (see :func:`preprocess_kernel`).
+    Launch: grid ``(ceil(N_k / keys), B)``, ``threads_per_block(d)`` threads, ``shared_bytes(d)`` bytes
+    of dynamic shared memory. Arguments: ``q, do, dq (B, N_q, d)``; ``k, v, dk, dv (B, N_k, d)``;
+    ``lse, delta (B, N_q)``, all float32; ``scale`` (float32), ``offset = N_k - N_q`` (bottom-right
+    causal: query i sees key j iff ``j <= i + offset``). ``dq`` must hold zeros (:func:`preprocess_kernel`).
     """
-    if d not in BLOCK_Q:
+    if d not in BACKWARD_TILES:
         raise ValueError(f"d must be one of {HEAD_DIMS} for the backward kernel, got {d}")
-    b_r, b_c = BLOCK_Q[d], BLOCK_K
-    row = d + 1  # K_j, V_j rows padded by one float: no shared-memory bank conflicts (see the module doc)
-    threads = b_c * WARPS
+    tiles = BACKWARD_TILES[d]
+    D, BC, BR, TK, TN, G, UN = (
+        d,
+        tiles["keys"],
+        tiles["rows"],
+        tiles["tk"],
+        tiles["tn"],
+        tiles["g"],
+        tiles["unroll"],
+    )
+    R = BC // TK  # key groups
+    T = R * G  # threads per block
+    TD = D // G  # dK, dV columns per thread
+    W = min(4, TD)  # dK, dV columns a thread owns side by side
+    QC = min(32, D)  # dQ step: QC threads (a warp) per row group, thread qc adds to columns qc + QC*c
+    TQD = D // QC  # dQ columns per thread
+    TQ = BR * QC // T  # dQ rows per thread
+    LC, CAUSAL = min(LOAD_COLUMNS, D), causal
+    KB, VB, QB, OB, PB, SB, LB, DB, _, ST, PS = backward_layout(D, BC, BR, G)  # offsets, strides
 
-    @cuda.jit(fastmath=True)  # exp by the special-function unit (about 1e-6 relative error)
-    def kernel(q, k, v, do, lse, delta, dq, dk, dv, scale, offset, causal):
+    @cuda.jit(device=True)
+    def stage(smem, dst_a, dst_b, src_a, src_b, b, row0, n, rows, mul_a, tid):
+        """Rows ``row0 .. row0 + rows - 1`` of ``src_a[b]`` (times ``mul_a``) and ``src_b[b]`` to shared
+        memory at ``dst_a``, ``dst_b`` (row stride ``d + 4``); rows at or past ``n`` as zeros. Each thread
+        copies ``LC`` adjacent columns per step, all its loads issued before its stores."""
+        ra = cuda.local.array(LC, float32)
+        rb = cuda.local.array(LC, float32)
+        for e in range(tid, rows * (D // LC), T):
+            r = e // (D // LC)
+            c = e % (D // LC) * LC
+            if row0 + r < n:
+                for u in range(LC):
+                    ra[u] = src_a[b, row0 + r, c + u] * mul_a
+                    rb[u] = src_b[b, row0 + r, c + u]
+            else:
+                for u in range(LC):
+                    ra[u] = ZERO
+                    rb[u] = ZERO
+            for u in range(LC):
+                smem[uint64(dst_a + r * ST + c + u)] = ra[u]
+                smem[uint64(dst_b + r * ST + c + u)] = rb[u]
+
+    @cuda.jit(device=True)
+    def row_products(smem, out, left, right, kg, cg):
+        """``out[a, b] = sum_c L[kg + R*a, c] * X[cg + G*b, c]``: a ``tk x tn`` micro-tile of ``L X^T``,
+        ``L`` the key-major tile at ``left`` (K_j or V_j), ``X`` the row-major tile at ``right``."""
+        lf = cuda.local.array((TK, UN), float32)
+        xf = cuda.local.array((TN, UN), float32)
+        for a in range(TK):
+            for b in range(TN):
+                out[a, b] = ZERO
+        for c0 in range(0, D, UN):
+            for a in range(TK):
+                for u in range(UN):
+                    lf[a, u] = smem[uint64(left + (kg + R * a) * ST + c0 + u)]
+            for b in range(TN):
+                for u in range(UN):
+                    xf[b, u] = smem[uint64(right + (cg + G * b) * ST + c0 + u)]
+            for u in range(UN):
+                for a in range(TK):
+                    for b in range(TN):
+                        out[a, b] += lf[a, u] * xf[b, u]
+
+    @cuda.jit(device=True)
+    def accumulate(smem, acc, left, right, kg, cg):
+        """``acc[a, b] += sum_r L[kg + R*a, r] * X[r, col(b)]``: the thread's part of ``L X`` for a
+        key-major ``L`` at ``left`` (P^T or dS^T) and a row-major ``X`` at ``right`` (dO_i or Q_i)."""
+        lf = cuda.local.array((TK, UN), float32)
+        xf = cuda.local.array((UN, TD), float32)
+        for r0 in range(0, BR, UN):
+            for a in range(TK):
+                for u in range(UN):
+                    lf[a, u] = smem[uint64(left + (kg + R * a) * PS + r0 + u)]
+            for u in range(UN):
+                for b in range(TD):
+                    xf[u, b] = smem[uint64(right + (r0 + u) * ST + b // W * W * G + cg * W + b % W)]
+            for u in range(UN):
+                for a in range(TK):
+                    for b in range(TD):
+                        acc[a, b] += lf[a, u] * xf[u, b]
+
+    def backward(q, k, v, do, lse, delta, dq, dk, dv, scale, offset):
+        smem = cuda.shared.array(0, float32)
+        s = cuda.local.array((TK, TN), float32)
+        dp = cuda.local.array((TK, TN), float32)
+        dk_acc = cuda.local.array((TK, TD), float32)
+        dv_acc = cuda.local.array((TK, TD), float32)
+        dq_acc = cuda.local.array((TQ, TQD), float32)
+        dsf = cuda.local.array(TQ, float32)
+        kf = cuda.local.array(TQD, float32)
         b = cuda.blockIdx.y
-        t, w = cuda.threadIdx.x, cuda.threadIdx.y  # key t of the block; rows w, w + WARPS, ... of a tile
-        tid = w * b_c + t
-        j0 = cuda.blockIdx.x * b_c
-        j = j0 + t  # this thread's key
+        j0 = cuda.blockIdx.x * BC
+        tid = cuda.threadIdx.x
+        kg = tid // G
+        cg = tid % G
+        qr = tid // QC
+        qc = tid % QC
         n_q, n_k = q.shape[1], k.shape[1]
-        k_s = cuda.shared.array((b_c, row), float32)
-        v_s = cuda.shared.array((b_c, row), float32)
-        q_s = cuda.shared.array((b_r, d), float32)
-        do_s = cuda.shared.array((b_r, d), float32)
-        ds_s = cuda.shared.array((b_r, b_c), float32)
-        lse_s = cuda.shared.array(b_r, float32)
-        d_s = cuda.shared.array(b_r, float32)
-        dk_acc = cuda.local.array(d, float32)
-        dv_acc = cuda.local.array(d, float32)
+        scale2 = scale * LOG2E
 
-        load_rows(k_s, v_s, k, v, b, j0, n_k, d, tid, threads)  # line 7: load K_j, V_j
-        for c in range(d):  # line 8: dK_j = dV_j = 0 on chip
-            dk_acc[c] = 0
-            dv_acc[c] = 0
-
+        stage(smem, KB, VB, k, v, b, j0, n_k, BC, float32(1), tid)  # line 7: load K_j, V_j
+        for a in range(TK):  # line 8: dK_j = dV_j = 0, in registers
+            for c in range(TD):
+                dk_acc[a, c] = ZERO
+                dv_acc[a, c] = ZERO
         first_row = 0
-        if causal:  # Q blocks above the diagonal see none of these keys: skipped
-            first_row = max(0, j0 - offset) // b_r * b_r
-        for i0 in range(first_row, n_q, b_r):  # line 9
-            cuda.syncthreads()  # the previous tile's dQ step has finished with q_s, ds_s
-            # Line 10: load Q_i, dO_i, lse_i, D_i (dQ_i is read-modify-written by the atomics).
-            load_rows(q_s, do_s, q, do, b, i0, n_q, d, tid, threads)
-            for r in range(tid, b_r, threads):
+        if CAUSAL:  # Q blocks above the diagonal see none of these keys: skipped
+            first_row = max(0, j0 - offset) // BR * BR
+        for i0 in range(first_row, n_q, BR):  # line 9
+            # Line 10: load Q_i (pre-scaled), dO_i, lse_i (base 2), D_i. dQ_i is updated by atomics.
+            stage(smem, QB, OB, q, do, b, i0, n_q, BR, scale2, tid)
+            for r in range(tid, BR, T):
                 inside = i0 + r < n_q
-                lse_s[r] = lse[b, i0 + r] if inside else float32(0)
-                d_s[r] = delta[b, i0 + r] if inside else float32(0)
+                smem[uint64(LB + r)] = lse[b, i0 + r] * LOG2E if inside else ZERO
+                smem[uint64(DB + r)] = delta[b, i0 + r] if inside else ZERO
             cuda.syncthreads()
-            for r in range(w, b_r, WARPS):
-                i = i0 + r
-                ds = float32(0)
-                if i < n_q and j < n_k and (not causal or j <= i + offset):  # line 12: mask
-                    s = float32(0)
-                    dp = float32(0)
-                    for c in range(d):
-                        s += q_s[r, c] * k_s[t, c]  # line 11: S_ij = Q_i K_j^T (scaled below)
-                        dp += do_s[r, c] * v_s[t, c]  # line 17: dP_ij = dO_i V_j^T
-                    p = math.exp(s * scale - lse_s[r])  # line 13: P_ij from lse
-                    ds = p * (dp - d_s[r])  # line 20: dS_ij = P_ij (dP_ij - D_i)
-                    for c in range(d):
-                        dv_acc[c] += p * do_s[r, c]  # line 16: dV_j += P^T dO_i
-                        dk_acc[c] += ds * q_s[r, c]  # line 22: dK_j += dS^T Q_i (times scale at the end)
-                ds_s[r, t] = ds
-            cuda.syncthreads()
-            # Line 21: dQ_i += scale dS K_j, one atomic add per element of the B_r x d tile.
-            for e in range(tid, b_r * d, threads):
-                r = e // d
-                c = e - r * d
-                if i0 + r < n_q:
-                    acc = float32(0)
-                    for u in range(b_c):
-                        acc += ds_s[r, u] * k_s[u, c]
-                    cuda.atomic.add(dq, (b, i0 + r, c), scale * acc)
-        # Sum the warps' shares of dK_j, dV_j in shared memory (K_j, V_j are no longer needed), one
-        # warp after the other, then write dK_j, dV_j (line 24), coalesced.
-        for phase in range(WARPS):
-            cuda.syncthreads()
-            if w == phase:
-                for c in range(d):
-                    k_s[t, c] = dk_acc[c] + (k_s[t, c] if phase > 0 else float32(0))
-                    v_s[t, c] = dv_acc[c] + (v_s[t, c] if phase > 0 else float32(0))
-        cuda.syncthreads()
-        for e in range(tid, b_c * d, threads):
-            r = e // d
-            c = e - r * d
-            if j0 + r < n_k:
-                dk[b, j0 + r, c] = scale * k_s[r, c]
-                dv[b, j0 + r, c] = v_s[r, c]
+            row_products(smem, s, KB, QB, kg, cg)  # line 11: S^T = K_j Q_i^T (scaled, base 2)
+            row_products(smem, dp, VB, OB, kg, cg)  # line 17: dP^T = V_j dO_i^T
+            edge = j0 + BC > n_k or i0 + BR > n_q or (CAUSAL and j0 + BC - 1 > i0 + offset)
+            for a in range(TK):
+                j = j0 + kg + R * a
+                for t in range(TN):
+                    r = cg + G * t
+                    p = math.exp2(s[a, t] - smem[uint64(LB + r)])  # line 13: P from lse
+                    if edge and (j >= n_k or i0 + r >= n_q or (CAUSAL and j > i0 + r + offset)):
+                        p = ZERO  # line 12: masked (and padding rows and keys)
+                    smem[uint64(PB + (kg + R * a) * PS + r)] = p
+                    smem[uint64(SB + (kg + R * a) * PS + r)] = p * (dp[a, t] - smem[uint64(DB + r)])
+            cuda.syncthreads()  # line 20 done: dS = P (dP - D), all of it in shared memory
+            accumulate(smem, dv_acc, PB, OB, kg, cg)  # line 16: dV_j += P^T dO_i
+            accumulate(smem, dk_acc, SB, QB, kg, cg)  # line 22: dK_j += dS^T Q_i (scaled, base 2)
+            # Line 21: dQ_i += scale dS K_j: the thread's TQ x TQD elements, one atomic add each.
+            for a in range(TQ):
+                for c in range(TQD):
+                    dq_acc[a, c] = ZERO
+            for jj in range(BC):
+                for a in range(TQ):
+                    dsf[a] = smem[uint64(SB + jj * PS + qr * TQ + a)]
+                for c in range(TQD):
+                    kf[c] = smem[uint64(KB + jj * ST + qc + QC * c)]
+                for a in range(TQ):
+                    for c in range(TQD):
+                        dq_acc[a, c] += dsf[a] * kf[c]
+            for a in range(TQ):
+                i = i0 + qr * TQ + a
+                if i < n_q:
+                    for c in range(TQD):
+                        cuda.atomic.add(dq, (b, i, qc + QC * c), scale * dq_acc[a, c])
+            cuda.syncthreads()  # the next tile may overwrite Q_i, dO_i, P^T, dS^T
+        # Line 24: write dK_j, dV_j from registers. Q was scaled by scale * log2(e), so dS^T Q_i is
+        # dK_j times log2(e): multiplying by ln 2 gives dK_j = scale dS^T Q_i.
+        for a in range(TK):
+            j = j0 + kg + R * a
+            if j < n_k:
+                for c in range(TD):
+                    col = c // W * W * G + cg * W + c % W
+                    dk[b, j, col] = dk_acc[a, c] * LN2
+                    dv[b, j, col] = dv_acc[a, c]
 
-    return kernel
+    return backward

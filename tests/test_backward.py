@@ -288,11 +288,14 @@ def test_torch_bridge_rejects_arrays():
         (33, 1, 16, False),
         (12, 40, 64, True),
         (9, 33, 128, False),
+        (140, 150, 16, True),
+        (33, 40, 128, True),
     ],
 )
 def test_kernel_equals_numpy_backward(n_q, n_k, d, causal):
     """Ragged (N not a multiple of the tiles), N smaller than a tile, N_q != N_k, fully masked rows,
-    every head dim's tile shape."""
+    every head dim's tile shape; several Q tiles per thread block and several key blocks (causal:
+    Q tiles above the diagonal skipped, tiles below it unmasked)."""
     rng = np.random.default_rng(n_q + n_k + d)
     q, do = (rng.standard_normal((1, 2, n_q, d)).astype(np.float32) for _ in range(2))
     k, v = (rng.standard_normal((1, 2, n_k, d)).astype(np.float32) for _ in range(2))
