@@ -62,13 +62,18 @@ def compiled(spec: KernelSpec):
     """``spec.source`` compiled by ``numba.cuda.jit`` (fast math: ``exp``/``exp2`` by the SFU)."""
     if device.MODE != "gpu":
         return cuda.jit(spec.source)
-    kern = cuda.jit(SIGNATURE, fastmath=True)(spec.source)
-    if spec.shared_bytes > STATIC_SHARED_LIMIT:  # opt in to more than 48 KiB of dynamic shared memory
+    return allow_dynamic_shared(cuda.jit(SIGNATURE, fastmath=True)(spec.source), spec.shared_bytes)
+
+
+def allow_dynamic_shared(kern, nbytes: int):
+    """Let the compiled ``kern`` use ``nbytes`` of dynamic shared memory: past 48 KiB a kernel must
+    opt in through the CUDA driver (and asks for the largest shared-memory carve-out)."""
+    if nbytes > STATIC_SHARED_LIMIT:
         from numba.cuda.cudadrv.driver import binding, driver
 
         func = next(iter(kern.overloads.values()))._codelibrary.get_cufunc()
         attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        driver.cuKernelSetAttribute(attr, spec.shared_bytes, func.handle, func.device.id)
+        driver.cuKernelSetAttribute(attr, nbytes, func.handle, func.device.id)
         func.set_shared_memory_carveout(100)
     return kern
 

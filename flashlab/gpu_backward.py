@@ -16,8 +16,8 @@ from numba import cuda
 
 from flashlab import device
 from flashlab.backward import check_saved, gradients_to_inputs
+from flashlab.gpu import allow_dynamic_shared
 from flashlab.inputs import attention_inputs, causal_offset, check_scale
-from flashlab.kernels import STATIC_SHARED_LIMIT
 from flashlab.kernels_backward import (
     BACKWARD_TILES,
     HEAD_DIMS,
@@ -52,14 +52,7 @@ def compiled(d: int, causal: bool):
         return cuda.jit(backward_source(d, causal))
     bounds = (threads_per_block(d), BACKWARD_TILES[d]["blocks"])  # registers for that many blocks per SM
     kern = cuda.jit(SIGNATURE, fastmath=True, launch_bounds=bounds)(backward_source(d, causal))
-    if shared_bytes(d) > STATIC_SHARED_LIMIT:  # opt in to more than 48 KiB of dynamic shared memory
-        from numba.cuda.cudadrv.driver import binding, driver
-
-        func = next(iter(kern.overloads.values()))._codelibrary.get_cufunc()
-        attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        driver.cuKernelSetAttribute(attr, shared_bytes(d), func.handle, func.device.id)
-        func.set_shared_memory_carveout(100)
-    return kern
+    return allow_dynamic_shared(kern, shared_bytes(d))
 
 
 def launch(q, k, v, o, lse, do, delta, dq, dk, dv, *, scale: float, causal: bool) -> None:
