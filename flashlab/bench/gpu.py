@@ -66,9 +66,15 @@ def median_ms(fn, repeat: int, warmup: int) -> float:
 
 
 def peak_bytes(fn) -> int:
-    """``torch.cuda.max_memory_allocated`` over one call of ``fn()`` (what was live before included)."""
+    """``torch.cuda.max_memory_allocated`` over one call of ``fn()`` (what was live before included).
+
+    Garbage from earlier rows is collected first, so that "live before" means this row's tensors.
+    """
+    import gc
+
     import torch
 
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
