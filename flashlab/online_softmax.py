@@ -35,6 +35,11 @@ def notes_attention(Q, K, V, dtype=np.float64, trace=None) -> list[float]:
     Returns a new list of ``len(Q)`` Python floats.
     """
     Q, K, V = (np.asarray(a, dtype=dtype) for a in (Q, K, V))
+    for name, a in (("Q", Q), ("K", K), ("V", V)):
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be a 1-d sequence of numbers (head dim 1), got shape {a.shape}")
+    if len(K) != len(V):
+        raise ValueError(f"K and V must have the same length (one value per key), got {len(K)} and {len(V)}")
     zero = np.dtype(dtype).type(0)
     D = [zero] * len(Q)
     O = [zero] * len(Q)  # noqa: E741 (the note's names)

@@ -78,6 +78,13 @@ def test_notes_attention_trace_shows_where_nan_appears():
     assert all(np.isfinite(t[2:]).all() for t in trace[:3])
 
 
+def test_notes_attention_rejects_mismatched_or_nested_input_by_name():
+    with pytest.raises(ValueError, match="K and V must have the same length"):
+        notes_attention([1.0], [1.0, 2.0], [1.0, 2.0, 3.0])  # an extra value would be ignored silently
+    with pytest.raises(ValueError, match="Q must be a 1-d sequence"):
+        notes_attention([[1.0, 2.0]], [1.0], [1.0])
+
+
 # --- softmax, element by element -------------------------------------------------------------------
 
 
