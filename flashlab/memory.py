@@ -90,7 +90,12 @@ class MemoryModel:
     def hold(self, name: str, tile: np.ndarray | int) -> None:
         """Tile ``name`` now occupies SRAM (``tile`` is an array or a byte count), replacing an earlier
         tile of that name. Raises :class:`SRAMOverflow` if the tiles held exceed ``sram_bytes``."""
-        nbytes = tile.nbytes if isinstance(tile, np.ndarray) else int(tile)
+        if isinstance(tile, np.ndarray):
+            nbytes = tile.nbytes
+        elif isinstance(tile, (int, np.integer)) and not isinstance(tile, bool) and tile >= 0:
+            nbytes = int(tile)
+        else:
+            raise TypeError(f"tile must be an array or a byte count (an integer >= 0), got {tile!r}")
         held = self.held
         used = self.sram_used_bytes + nbytes - held.get(name, 0)
         held[name] = nbytes

@@ -32,6 +32,12 @@ def test_hold_replaces_free_releases_and_the_peak_remembers_its_tiles():
         memory.hold("P", 100)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, "64", True])
+def test_hold_refuses_a_byte_count_that_is_not_a_count(bad):
+    with pytest.raises(TypeError, match="tile must be an array or a byte count"):
+        MemoryModel().hold("S", bad)  # a negative count would silently lower the occupancy
+
+
 def test_overflow_without_matrix_tiles_still_says_what_to_do():
     memory = MemoryModel(sram_bytes=10)
     with pytest.raises(SRAMOverflow, match="Held: S 11 B. Use smaller block sizes"):
