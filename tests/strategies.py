@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+# The tolerance is what assert_close checks, with no hidden factor. float64 results agree to ~1e-14.
+# float32 needs more: the tests draw logits of several hundred (q spread 10, scale up to 3), and exp
+# turns a score's rounding error |s| * 6e-8 into that relative error of its weight (seen: 4e-5).
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-12}
 
 
 def assert_close(actual, expected, dtype, what="output"):
@@ -18,7 +21,7 @@ def assert_close(actual, expected, dtype, what="output"):
     assert np.all(np.isfinite(a)), f"{what}: non-finite values from finite input"
     scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
     err = float(np.max(np.abs(a - e), initial=0.0)) / scale
-    assert err <= RTOL[np.dtype(dtype)] * 10, f"{what}: relative error {err:.3g} for {np.dtype(dtype)}"
+    assert err <= RTOL[np.dtype(dtype)], f"{what}: relative error {err:.3g} for {np.dtype(dtype)}"
 
 
 @st.composite
