@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -11,6 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from flashlab import device
 
@@ -60,3 +63,18 @@ def write_results(name: str, rows: list[dict], meta: dict, directory: Path | Non
         writer.writerows(rows)
     (directory / f"{name}.provenance.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def blas_threads(limit: int | None):
+    """Context limiting NumPy's BLAS to ``limit`` threads (``None``: leave it as it is).
+
+    Threads over query blocks that each call a multi-threaded BLAS oversubscribe the cores, and idle
+    BLAS threads spinning on a small machine swamp small differences in CPU time.
+    """
+    return contextlib.nullcontext() if limit is None else threadpool_limits(limit, user_api="blas")
+
+
+def blas_report() -> dict:
+    """NumPy's BLAS library, version and thread count (without file paths), for a provenance record."""
+    keys = ("internal_api", "version", "num_threads", "threading_layer", "architecture")
+    return {"blas": [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib["user_api"] == "blas"]}

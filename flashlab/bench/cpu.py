@@ -18,7 +18,6 @@ from a float64 ``naive_attention``. Results go to ``data/cpu_bench.csv`` (+ prov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import time
 import tracemalloc
@@ -29,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from flashlab.attention import naive_attention
-from flashlab.bench.common import DATA, attention_tflops, median_seconds, provenance, write_results
+from flashlab.bench.common import (
+    DATA,
+    attention_tflops,
+    blas_report,
+    blas_threads,
+    median_seconds,
+    provenance,
+    write_results,
+)
 from flashlab.flash import flash_attention
 
 NAME = "cpu_bench"
@@ -71,31 +78,6 @@ def torch_peak(fn: Callable[[], object]) -> int:
         used += event.nbytes()
         peak = max(peak, used)
     return peak
-
-
-def blas_threads(limit: int | None):
-    """Context limiting NumPy's BLAS to ``limit`` threads (via ``threadpoolctl`` if installed), or no-op.
-
-    Threads over query blocks that each call a multi-threaded BLAS oversubscribe the cores: every
-    BLAS call then waits for its helper threads, badly so when other work shares the CPU.
-    """
-    if limit is None:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limit, user_api="blas")
-
-
-def blas_report() -> dict:
-    """NumPy's BLAS library, version and thread count (without file paths), if ``threadpoolctl`` is there."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return {"blas": "unknown (threadpoolctl not installed: threads over query blocks share BLAS threads)"}
-    keys = ("internal_api", "version", "num_threads", "threading_layer", "architecture")
-    return {"blas": [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib["user_api"] == "blas"]}
 
 
 def cases(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[tuple[dict, Callable[[], np.ndarray], str]]:

@@ -9,22 +9,20 @@ Counting costs a few dictionary updates per tile, whatever the tile's size, so t
 small tiles. The default blocks start at 64: for d = 64 the paper's rule gives ``B_r = 64`` and
 ``B_c >= 64`` for every SRAM of at least ``4 d^2`` elements (32 KB in fp16), i.e. on every GPU
 (``--blocks 32`` shows the cost at smaller tiles). CPU time is measured with BLAS on one thread
-(the benchmark re-runs itself with ``OPENBLAS_NUM_THREADS=1``): idle BLAS threads spinning on
+(``threadpoolctl``): idle BLAS threads spinning on
 two cores otherwise swamp the difference being measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from flashlab.attention import naive_attention
-from flashlab.bench.common import provenance, write_results
+from flashlab.bench.common import blas_threads, provenance, write_results
 from flashlab.flash import flash_attention
 from flashlab.memory import MemoryModel
 
@@ -73,12 +71,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256], help="square block sizes")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs of each, counted and not")
     args = parser.parse_args(argv)
-    if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        return subprocess.call([sys.executable, "-m", "flashlab.bench", "memory", *argv], env=env)
     rows = []
     for label, block, fn in cases(args.n, args.d, args.blocks):
-        plain, counted, ratio = paired_medians(fn, repeat=args.repeat)
+        with blas_threads(1):
+            plain, counted, ratio = paired_medians(fn, repeat=args.repeat)
         rows.append(
             {
                 "algorithm": label,
