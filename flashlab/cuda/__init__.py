@@ -1,0 +1,1 @@
+"""numba.cuda kernels: sources, launch path, registry and traffic counter (see ARCHITECTURE.md)."""
