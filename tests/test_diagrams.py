@@ -82,3 +82,29 @@ def test_backward_flow_counts_the_atomic_adders_of_each_dq_block(n_q, n_k, block
     grid = tiles.tile_grid(n_q, n_k, block_q, block_k, causal)
     assert np.array_equal(adders, grid.sum(axis=1))
     plt.close(fig)
+
+
+def test_primer_pictures_draw_the_recorded_accesses():
+    x = np.arange(primer.BLOCK, dtype=np.float32)
+    run = primer.trace(primer.reverse_source(), (1,), (primer.BLOCK,), x=x, out=np.zeros_like(x))
+    fig, axes = plt.subplots(1, 3)
+    steps = [("x", "r"), ("shared0", "w"), ("shared0", "r"), ("out", "w")]
+    paths = diagrams.access_flow(axes[0], run, steps, primer.BLOCK)
+    last = primer.BLOCK - 1
+    assert paths == [[t, t, last - t, t] for t in range(primer.BLOCK)]
+    labels = diagrams.thread_map(axes[1], np.array([[0, 1], [-1, 3]]))
+    assert labels == ["0", "1", "3"]  # -1 (no thread) is left blank
+    occ = primer.occupancy(256, 128, 92160)
+    assert diagrams.occupancy_limits(axes[2], occ) == occ.limits
+    assert _png(fig).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_bank_passes_stacks_each_banks_lanes(pad):
+    x = np.ones((32, 32), np.float32)
+    run = primer.trace(primer.row_sums_source(pad), (1,), (32,), x=x, out=np.zeros(32, np.float32))
+    request = next(iter(primer.warp_requests(run.of("shared0", "r")).values()))
+    fig, ax = plt.subplots()
+    assert diagrams.bank_passes(ax, request) == primer.bank_conflicts([*request])[0] == [32, 1, 2][pad]
+    assert len(ax.texts) == 32  # every lane drawn once
+    plt.close(fig)

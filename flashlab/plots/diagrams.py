@@ -44,11 +44,11 @@ def _binary(x: float) -> str:
     return f"{x:.3g} B"
 
 
-def _box(ax: Axes, x, y, w, h, color, text=None, **kw) -> Rectangle:
+def _box(ax: Axes, x, y, w, h, color, text=None, fontsize=9, **kw) -> Rectangle:
     rect = Rectangle((x, y), w, h, facecolor=color, edgecolor="k", lw=0.8, **kw)
     ax.add_patch(rect)
     if text:
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9)
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize)
     return rect
 
 
@@ -259,3 +259,100 @@ def backward_flow(
         f"backward: one thread block per key block ({'causal' if causal else 'full'}, {t_r} x {t_c} tiles)",
     )
     return adders
+
+
+# --- the primer: which thread touches which element -----------------------------------------------
+
+
+def thread_map(
+    ax: Axes,
+    owners: np.ndarray,
+    *,
+    colour=None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    fontsize: float = 9,
+):
+    """Each element of a 1-d or 2-d array as a cell labelled with the thread that touched it
+    (``-1``: none, left white), coloured by ``colour`` (same shape, e.g. the block or the warp;
+    default the thread). Returns the labels drawn, row by row."""
+    owners = np.atleast_2d(owners)
+    colour = owners if colour is None else np.atleast_2d(colour)
+    cmap = matplotlib.colormaps["tab20"]
+    for (r, c), t in np.ndenumerate(owners):
+        face = "white" if t < 0 else cmap(int(colour[r, c]) % 20)
+        _box(ax, c, -r, 1, 1, face, None if t < 0 else str(t), fontsize)
+    ax.set_xlim(0, owners.shape[1])
+    ax.set_ylim(1 - owners.shape[0], 1)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return [t.get_text() for t in ax.texts]
+
+
+def access_flow(ax: Axes, trace, steps: list[tuple[str, str]], size: int) -> list[list[int]]:
+    """For each thread of a :class:`flashlab.cuda.primer.Trace`, a line through the element it touched
+    at each of ``steps`` (``(array, "r" or "w")``, drawn top to bottom, ``size`` elements each).
+    Returns, per thread, the element index at each step."""
+    paths: dict[tuple, list[int]] = {}
+    for row, (array, op) in enumerate(steps):
+        for a in sorted(trace.of(array, op), key=lambda a: a.seq):
+            paths.setdefault((a.block, a.thread), [None] * len(steps))[row] = a.index
+    cmap = matplotlib.colormaps["tab20"]
+    for row, (array, op) in enumerate(steps):
+        for x in range(size):
+            _box(ax, x, -2 * row, 0.9, 0.9, "white", str(x))
+        ax.text(
+            -0.3, -2 * row + 0.45, f"{array} ({'read' if op == 'r' else 'write'})", ha="right", va="center"
+        )
+    out = []
+    for n, (_, idx) in enumerate(sorted(paths.items())):
+        pts = [(i + 0.45, -2 * row + (0.9 if k == 0 else 0)) for row, i in enumerate(idx) for k in (0, 1)]
+        xs, ys = zip(*[(x, y) for x, y in pts], strict=True)
+        ax.plot(xs, ys, color=cmap(n % 20), lw=1.2)
+        out.append(idx)
+    ax.set_xlim(-4, size)
+    ax.set_ylim(-2 * len(steps) + 1, 1.2)
+    ax.set_axis_off()
+    return out
+
+
+def bank_passes(ax: Axes, request, *, banks: int = 32) -> int:
+    """One warp request to shared memory: a column per bank, the lanes whose word sits there stacked
+    in the order the bank serves them (a row per pass). Returns the number of passes."""
+    words: dict[int, list] = {}
+    for a in sorted(request, key=lambda a: a.thread):
+        words.setdefault(a.index % banks, []).append(a)
+    passes = max(len({a.index for a in w}) for w in words.values())
+    for bank, lanes in words.items():
+        for k, a in enumerate(lanes):
+            _box(ax, bank, -k, 1, 1, matplotlib.colormaps["tab20"](a.thread % 20), str(a.thread % 32), 6)
+    ax.set_xlim(0, banks)
+    ax.set_ylim(1 - banks, 1)
+    ax.set_aspect("equal")
+    ax.set_xticks(np.arange(0, banks, 4) + 0.5, [str(b) for b in range(0, banks, 4)])
+    ax.set_yticks([])
+    ax.set_xlabel("bank")
+    ax.set_ylabel("passes (one word per bank each)")
+    ax.set_title(f"{passes} pass{'es' if passes > 1 else ''}", fontsize=10)
+    return passes
+
+
+def occupancy_limits(ax: Axes, occ) -> dict[str, int]:
+    """Bars: how many blocks per SM each resource allows (a :class:`flashlab.cuda.primer.Occupancy`);
+    the shortest bar, in orange, is the one that binds."""
+    names = list(occ.limits)
+    bars = ax.barh(
+        names, [occ.limits[n] for n in names], color=[WRITE if n == occ.binding else "0.6" for n in names]
+    )
+    ax.bar_label(bars)
+    ax.set_xlabel("blocks per SM the resource allows")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{occ.blocks} blocks = {occ.warps} warps per SM: occupancy {occ.fraction:.0%}", fontsize=10)
+    return dict(occ.limits)
