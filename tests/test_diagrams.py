@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import given  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from flashlab import hardware, tiles, traffic  # noqa: E402
@@ -75,6 +75,7 @@ def test_tile_owners_colour_each_element_by_its_recorded_thread():
     assert _png(fig).startswith(b"\x89PNG")
 
 
+@settings(max_examples=10)
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 4), st.integers(1, 4), st.booleans())
 def test_backward_flow_counts_the_atomic_adders_of_each_dq_block(n_q, n_k, block_q, block_k, causal):
     fig, ax = plt.subplots()
