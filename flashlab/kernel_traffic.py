@@ -69,8 +69,9 @@ class _CountingShared:
     so all threads of a block get the same one.
     """
 
-    def __init__(self, dynamic_bytes: int):
+    def __init__(self, dynamic_bytes: int, wrap=Counted):
         self._dynamic_bytes = dynamic_bytes
+        self._wrap = wrap
         self.arrays: dict = {}
         self._lock = threading.Lock()
 
@@ -85,16 +86,19 @@ class _CountingShared:
                 if shape == 0:
                     shape = self._dynamic_bytes // dtype.itemsize
                 # NaN, not zeros: a kernel that reads shared memory it never wrote shows it
-                self.arrays[key] = Counted(np.full(shape, np.nan, dtype))
+                self.arrays[key] = self._wrap(np.full(shape, np.nan, dtype))
             return self.arrays[key]
 
 
-def simulate(source, grid: tuple, block: tuple, args: tuple, dynamic_shared_bytes: int = 0) -> list:
+def simulate(
+    source, grid: tuple, block: tuple, args: tuple, dynamic_shared_bytes: int = 0, shared_array=Counted
+) -> list:
     """Run kernel ``source`` (a Python function) in numba's simulator, one block after another.
 
     Unlike ``cuda.jit(...)[grid, block]`` in simulator mode, this works on a GPU machine too and
     passes the arguments as they are (so :class:`Counted` arrays stay counted). Every shared array
-    is :class:`Counted`; returns, per block, ``(shared reads, shared writes)`` in elements.
+    is wrapped by ``shared_array`` (:class:`Counted` or a subclass that also records who touched
+    what); returns, per block, ``(shared reads, shared writes)`` in elements.
     """
     from numba.cuda.errors import normalize_kernel_dimensions
     from numba.cuda.simulator.kernel import BlockManager, _push_kernel_context
@@ -107,7 +111,7 @@ def simulate(source, grid: tuple, block: tuple, args: tuple, dynamic_shared_byte
     try:
         for grid_point in np.ndindex(*grid):
             fake = FakeCUDAModule(grid, block, dynamic_shared_bytes)
-            shared = _CountingShared(dynamic_shared_bytes)
+            shared = _CountingShared(dynamic_shared_bytes, shared_array)
             fake._shared = shared
             with _push_kernel_context(fake), swapped_cuda_module(source, fake):
                 BlockManager(source, grid, block, False).run(grid_point, *args)
