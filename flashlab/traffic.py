@@ -238,6 +238,23 @@ def forward_traffic(
     return FORWARD[algorithm](n_q, n_k, d, d_v, block_q=block_q, block_k=block_k, causal=causal, batch=batch)
 
 
+def grouped(traffic: Traffic, group: int) -> Traffic:
+    """``traffic`` counted per query head, with K and V shared by ``group`` query heads (grouped-query
+    attention; ``group = h_q`` is multi-query): the query tiles of a group are stacked on chip, so K and
+    V are read once per group and their reads divide by ``group``. Pass a forward whose ``batch``
+    counts query heads."""
+    group = check_block("group", group)
+    reads = dict(traffic.reads)
+    for name in ("K", "V"):
+        if reads.get(name, 0) % group:
+            raise ValueError(
+                f"group={group} does not divide the {reads[name]} {name} reads: batch must count "
+                "query heads, a multiple of group"
+            )
+        reads[name] = reads.get(name, 0) // group
+    return Traffic(reads, traffic.writes)
+
+
 # --- backward -----------------------------------------------------------------------------------
 def standard_backward(n_q: int, n_k: int, d: int, d_v: int | None = None, *, batch: int = 1) -> Traffic:
     """Algorithm 3 (standard attention backward), ``8 N d + 7 N^2`` elements when square with ``d_v = d``.
