@@ -8,11 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashlab import gpu, kernel_traffic
 from flashlab.attention import naive_attention
 from flashlab.check import Mistake, check
+from flashlab.cuda import _numba, flash_attention, launch
+from flashlab.cuda import traffic as kernel_traffic
+from flashlab.cuda.forward import rowwise_key_step
+from flashlab.cuda.registry import make_kernel, names
 from flashlab.exercises.kernels import run_rowwise
-from flashlab.kernels import make_kernel, rowwise_key_step
 from tests.conftest import requires_gpu
 from tests.strategies import assert_close
 
@@ -22,7 +24,7 @@ SMALL = {
     "tiled": {"rows": 4, "keys": 4},
     "register_tiled": {"rows": 8, "keys": 8, "tm": 2, "tn": 2, "g": 4, "unroll": 2},
 }
-KERNELS = tuple(SMALL)
+KERNELS = names("forward")
 # (N_q, N_k): ragged (not multiples of any tile), smaller than a tile, N_q > N_k (fully masked
 # causal rows), N_q < N_k
 SHAPES = [(19, 13), (3, 5), (17, 6), (6, 17)]
@@ -48,7 +50,7 @@ def _reference(q, k, v, causal, scale=None):
 def test_kernel_equals_naive_attention(kernel, causal, n_q, n_k):
     d = 16 if (n_q + n_k) % 2 else 32
     q, k, v = _inputs(n_q, n_k, d, seed=n_q * 31 + n_k)
-    o, lse = gpu.flash_attention(q, k, v, kernel=kernel, causal=causal, return_lse=True, tiles=SMALL[kernel])
+    o, lse = flash_attention(q, k, v, kernel=kernel, causal=causal, return_lse=True, tiles=SMALL[kernel])
     want_o, want_lse = _reference(q, k, v, causal)
     assert o.dtype == np.float32 and o.shape == q.shape
     assert_close(o, want_o, np.float32)
@@ -68,7 +70,7 @@ def test_kernel_equals_naive_attention(kernel, causal, n_q, n_k):
 )
 def test_register_tiled_random_shapes_and_large_logits(n_q, n_k, d, causal, spread, seed):
     q, k, v = _inputs(n_q, n_k, d, seed, spread, lead=(1,))
-    o, lse = gpu.flash_attention(
+    o, lse = flash_attention(
         q, k, v, kernel="register_tiled", causal=causal, return_lse=True, tiles=SMALL["register_tiled"]
     )
     want_o, want_lse = _reference(q, k, v, causal)
@@ -81,11 +83,12 @@ def test_default_tiles_scale_broadcast_and_float16():
     q, k, v = _inputs(5, 7, 16, seed=3, lead=(1,))
     q2 = np.stack([q, 2 * q])  # (2, 1, 5, 16): k, v broadcast over the first dim
     q2, k, v = (x.astype(np.float16) for x in (q2, k, v))
-    o = gpu.flash_attention(q2, k, v, scale=0.7)
+    o = flash_attention(q2, k, v, scale=0.7)
     assert o.dtype == np.float16 and o.shape == (2, 1, 5, 16)
     want = naive_attention(q2, k, v, scale=0.7)
     assert np.allclose(o.astype(np.float32), want.astype(np.float32), atol=2e-3)
-    assert "register_tiled" in gpu.last_run and ("simulator" in gpu.last_run or "GPU" in gpu.last_run)
+    assert "register_tiled" in launch.last_run
+    assert "simulator" in launch.last_run or "GPU" in launch.last_run
 
 
 @pytest.mark.parametrize(
@@ -107,7 +110,7 @@ def test_bad_input_is_named(kwargs, message):
     q = np.ones((4, d), dtype)
     v = np.ones((4, d_v), dtype)
     with pytest.raises(ValueError, match=re.escape(message)):
-        gpu.flash_attention(q, q, v, kernel=kwargs.get("kernel", "register_tiled"), tiles=kwargs.get("tiles"))
+        flash_attention(q, q, v, kernel=kwargs.get("kernel", "register_tiled"), tiles=kwargs.get("tiles"))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -141,6 +144,38 @@ def test_register_tiling_reads_shared_memory_less_per_fma(n_q, n_k):
     assert per_fma["row"] == pytest.approx(1.0)  # every multiply-add reads one K or V element
     if n_q % 32 == 0 and n_k % 16 == 0:  # ragged edges compute padded tiles: reads without useful FMAs
         assert per_fma["reg"] < 0.5 * per_fma["row"]
+
+
+def test_every_forward_kernel_of_the_registry_is_tested():
+    assert set(KERNELS) == set(SMALL), "a new forward kernel needs small simulator tiles in SMALL"
+
+
+def test_numba_private_apis_are_there():
+    """flashlab uses numba-cuda internals (flashlab/cuda/_numba.py); an upgrade that moves one fails here."""
+    missing = _numba.missing_private_apis()
+    assert not missing, "numba-cuda lacks private APIs flashlab uses: " + "; ".join(missing)
+
+
+def test_simulated_shared_memory_is_one_array_per_block():
+    """numba's simulator can hand two threads of one block two different static shared arrays (it checks
+    and inserts without a lock: a kernel then reads a tile another thread never wrote). Ours is locked."""
+    import threading
+
+    from numba import float32
+
+    memory, barrier, got = _numba.SharedMemory(0), threading.Barrier(32), []
+
+    def thread():
+        barrier.wait()
+        got.append(memory.array((4, 4), float32))  # every thread: the same source line
+
+    threads = [threading.Thread(target=thread) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 32 and all(a is got[0] for a in got)
+    assert np.all(np.isnan(got[0])), "shared memory starts as NaN, so reading an unwritten entry shows"
 
 
 # --- the exercise ----------------------------------------------------------------------------------
@@ -198,7 +233,7 @@ def test_gpu_kernels_match_torch(kernel, d, causal, n_q, n_k):
     gen = torch.Generator(device="cuda").manual_seed(d + n_q)
     q = torch.randn(2, 3, n_q, d, device="cuda", generator=gen)
     k, v = (torch.randn(2, 3, n_k, d, device="cuda", generator=gen) for _ in range(2))
-    o, lse = gpu.flash_attention(q, k, v, kernel=kernel, causal=causal, return_lse=True)
+    o, lse = flash_attention(q, k, v, kernel=kernel, causal=causal, return_lse=True)
     assert isinstance(o, torch.Tensor) and o.is_cuda and o.shape == q.shape
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
     if causal:
@@ -210,5 +245,20 @@ def test_gpu_kernels_match_torch(kernel, d, causal, n_q, n_k):
     seen = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse), seen)
     assert float((lse.double() - want_lse)[seen].abs().max()) < 1e-4
-    o_np = gpu.flash_attention(*(x.cpu().numpy() for x in (q, k, v)), kernel=kernel, causal=causal)
+    o_np = flash_attention(*(x.cpu().numpy() for x in (q, k, v)), kernel=kernel, causal=causal)
     assert np.abs(o_np - o.cpu().numpy()).max() < 1e-5  # NumPy in, NumPy out: the same kernel
+
+
+def test_results_load_back_with_typed_columns(tmp_path):
+    from flashlab.bench.common import load_results, write_results
+
+    rows = [
+        {"impl": "a", "causal": True, "n": 1024, "ms": 1.5, "note": ""},
+        {"impl": "b", "causal": False, "n": 2048, "ms": None, "note": "OOM"},
+    ]
+    write_results("bench", rows, {"command": "test"}, directory=tmp_path)
+    back = load_results("bench", directory=tmp_path)
+    assert back[0] == {"impl": "a", "causal": True, "n": 1024, "ms": 1.5, "note": None}
+    assert back[1]["causal"] is False and back[1]["ms"] is None and back[1]["note"] == "OOM"
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        load_results("missing", directory=tmp_path)

@@ -1,4 +1,4 @@
-"""``python -m flashlab.bench {cpu,gpu} [options]``: dispatch to the chosen benchmark."""
+"""``python -m flashlab.bench TARGET [options]``: dispatch to the chosen benchmark (see :data:`TARGETS`)."""
 
 import importlib
 import sys
