@@ -78,6 +78,21 @@ def test_register_tiled_random_shapes_and_large_logits(n_q, n_k, d, causal, spre
     assert_close(lse, want_lse, np.float32, what="lse")
 
 
+@pytest.mark.parametrize("options", [{"index": "signed"}, {"load_columns": 2}, {"load_columns": 16}])
+def test_register_tiled_variants_compute_the_same(options):
+    """The kernel log's variants (signed shared-memory indices, K/V copy width) change speed, not results."""
+    q, k, v = _inputs(11, 13, 16, seed=5, lead=(1,))
+    index = options.pop("index", "unsigned")
+    spec = launch.kernel_spec("register_tiled", 16, True, SMALL["register_tiled"] | options, index=index)
+    o = np.full((1, 11, 16), np.nan, np.float32)
+    lse = np.full((1, 11), np.nan, np.float32)
+    arrays = {"q": q, "k": k, "v": v}
+    launch.run(spec, launch.forward_args(arrays, o, lse, 0.25))
+    want_o, want_lse = _reference(q, k, v, True, scale=0.25)
+    assert_close(o, want_o, np.float32)
+    assert_close(lse, want_lse, np.float32, what="lse")
+
+
 def test_default_tiles_scale_broadcast_and_float16():
     """The tiles flash_attention uses by default (many threads), leading dims broadcast, float16 in/out."""
     q, k, v = _inputs(5, 7, 16, seed=3, lead=(1,))
@@ -262,3 +277,73 @@ def test_results_load_back_with_typed_columns(tmp_path):
     assert back[1]["causal"] is False and back[1]["ms"] is None and back[1]["note"] == "OOM"
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         load_results("missing", directory=tmp_path)
+
+
+NCU_RAW = """==PROF== Connected to process 4242 (/usr/bin/python3)
+==PROF== Profiling "register_tiled": 0%....50%....100% - 38 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Block Size","Grid Size","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio"
+"","","","","","","","%","usecond","ratio","ratio","ratio"
+"0","4242","python3","127.0.0.1","cudapy::flashlab::cuda::forward::register_tiled_source::<locals>::register_tiled","(256, 1, 1)","(32, 32, 1)","7.15","4,912.61","1.52","0.31","2.05"
+"1","4242","python3","127.0.0.1","cudapy::flashlab::cuda::backward::backward_source::<locals>::backward","(256, 1, 1)","(64, 32, 1)","12.40","15,001.00","0.90","1.10","0.20"
+"""  # noqa: E501  (the shape of `ncu --csv --page raw`: header, units, one row per kernel)
+
+
+def test_ncu_raw_csv_is_parsed_into_metrics_and_stall_reasons():
+    from argparse import Namespace
+
+    from flashlab.bench import profile
+
+    kernels = profile.parse_raw_csv(NCU_RAW)
+    assert [k["kernel"].rsplit("::", 1)[-1] for k in kernels] == ["register_tiled", "backward"]
+    forward = kernels[0]["metrics"]
+    assert forward["gpu__time_duration.sum"] == ("usecond", 4912.61)  # thousands separators dropped
+    assert list(profile.stall_reasons(forward)) == ["mio_throttle", "barrier", "long_scoreboard"]
+    rows = profile.rows_from(kernels, Namespace(heads=32, n=4096, d=64, causal=False))
+    assert {r["target"] for r in rows} == {"forward", "backward"} and len(rows) == 2 * 5
+    with pytest.raises(ValueError, match="no ncu raw CSV"):
+        profile.parse_raw_csv("==PROF== Connected\nno kernels were profiled\n")
+    command = profile.ncu_command(Namespace(heads=32, n=4096, d=64, causal=False), "ncu")
+    assert command[:4] == ["ncu", "--csv", "--page", "raw"] and "WarpStateStats" in command
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_3:
+        /*0020*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0030*/                   STS [R5], R4 ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_4:
+        /*0050*/                   LDS.128 R8, [R6] ;
+        /*0060*/                   LDS R12, [R7] ;
+        /*0070*/                   FFMA R13, R8, R12, R13 ;
+        /*0080*/              @P0  BRA `(.L_x_4) ;
+        /*0090*/                   LDL R14, [R1] ;
+        /*00a0*/              @!P1 BRA `(.L_x_3) ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_sass_counts_find_the_kernel_and_its_main_loop():
+    from flashlab.bench.kernels import sass_counts
+
+    counts = sass_counts(SASS)
+    assert counts["kernel"] == {
+        "FFMA": 1, "LDS": 2, "LDS.128": 1, "LDL": 1, "STL": 0, "BAR": 1, "instructions": 12,
+    }  # fmt: skip
+    assert counts["main_loop"]["instructions"] == 9  # .L_x_3 .. its branch: the longest loop
+    assert counts["main_loop"]["LDL"] == 1 and counts["main_loop"]["FFMA"] == 1
+
+
+def test_every_kernel_log_variant_is_built_by_the_registry():
+    """`python -m flashlab.bench kernels` times only what the code can build: every variant at every shape."""
+    from flashlab.bench import gpu
+    from flashlab.bench.kernels import SHAPES, VARIANTS
+
+    for label, kernel, tiles, options in VARIANTS:
+        for (_, _, d, causal), which in SHAPES.items():
+            if which is None or label in which:
+                if kernel in gpu.RUNNERS:
+                    continue
+                spec = make_kernel(kernel, d, causal, **tiles, **options)
+                assert spec.block[0] <= 1024 and spec.shared_bytes <= 227 * 1024, label

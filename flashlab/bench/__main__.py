@@ -7,6 +7,8 @@ TARGETS = {
     "cpu": "flashlab.bench.cpu",
     "gpu": "flashlab.bench.gpu",
     "memory": "flashlab.bench.memory",
+    "profile": "flashlab.bench.profile",
+    "kernels": "flashlab.bench.kernels",
 }
 
 

@@ -91,7 +91,7 @@ def future_mask(n: int, device_):
     return torch.ones(n, n, dtype=torch.bool, device=device_).triu(1)
 
 
-def _reference(q, k, v, causal: bool, scale: float):
+def reference(q, k, v, causal: bool, scale: float):
     """Float64 attention of the first :data:`REF_HEADS` heads, on the GPU."""
     import torch
 
@@ -102,8 +102,9 @@ def _reference(q, k, v, causal: bool, scale: float):
     return torch.softmax(s, dim=-1) @ v
 
 
-def _flashlab(kernel: str):
-    """A prepared launch of one kernel: compiled once, arguments built once, so only the launch is timed."""
+def flashlab_runner(kernel: str, tiles: dict | None = None, options: dict | None = None):
+    """A prepared launch of one kernel (registry name, optional tiles and options): compiled once,
+    arguments built once, so only the launch is timed."""
 
     def make(q, k, v, causal, scale):
         import torch
@@ -112,7 +113,7 @@ def _flashlab(kernel: str):
         from flashlab.cuda import launch
 
         heads, n, d = q.shape[1:]
-        spec = launch.kernel_spec(kernel, d, causal)
+        spec = launch.kernel_spec(kernel, d, causal, tiles, **(options or {}))
         o = torch.empty(1, heads, n, d, device=q.device)
         lse = torch.empty(1, heads, n, device=q.device)
         views = {name: cuda.as_cuda_array(x[0]) for name, x in (("q", q), ("k", k), ("v", v))}
@@ -163,9 +164,9 @@ def _sdpa(backend: str, dtype: str):
 
 
 RUNNERS = {
-    "flashlab_rowwise": _flashlab("rowwise"),
-    "flashlab_tiled": _flashlab("tiled"),
-    "flashlab_register_tiled": _flashlab("register_tiled"),
+    "flashlab_rowwise": flashlab_runner("rowwise"),
+    "flashlab_tiled": flashlab_runner("tiled"),
+    "flashlab_register_tiled": flashlab_runner("register_tiled"),
     "torch_naive_fp32": _naive_fp32,
     "sdpa_math_fp32": _sdpa("MATH", "float32"),
     "sdpa_mem_efficient_fp32": _sdpa("EFFICIENT_ATTENTION", "float32"),
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> int:
             heads = heads_for(n)
             q, k, v = (torch.randn(1, heads, n, d, device="cuda", generator=gen) for _ in range(3))
             for causal in causal_values:
-                ref = _reference(q, k, v, causal, 1.0 / math.sqrt(d))
+                ref = reference(q, k, v, causal, 1.0 / math.sqrt(d))
                 for impl in args.impls:
                     base = {
                         "direction": "fwd",

@@ -38,7 +38,7 @@ from functools import cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda, float32, int64, uint64
 
 from flashlab.cuda import microtiles
 from flashlab.cuda.spec import STATIC_SHARED_LIMIT, KernelSpec, check_divides, python_function
@@ -271,6 +271,7 @@ def register_layout(d: int, rows: int, keys: int, g: int) -> RegisterLayout:
 
 
 LOAD_COLUMNS = 8  # adjacent K/V columns a thread copies per step: 16 global loads in flight, then 16 stores
+INDEX_TYPES = {"unsigned": uint64, "signed": int64}  # register_tiled's shared-memory index type
 
 
 @cache
@@ -284,6 +285,8 @@ def register_tiled_source(
     causal: bool,
     unroll: int = 1,
     device: Callable = python_function,
+    load_columns: int = 8,
+    index=uint64,
 ):
     """Kernel 3: ``(rows / tm) * g`` threads; thread ``(rg, cg) = divmod(tid, g)`` owns
 
@@ -303,10 +306,12 @@ def register_tiled_source(
     partial l).
     K/V tiles are single-buffered: numba has no asynchronous global-to-shared copy (``cp.async``),
     so a second buffer could only remove one of the four barriers per tile, not hide the loads;
-    each thread issues :data:`LOAD_COLUMNS` loads of K and of V before it stores any of them
-    (:func:`~flashlab.cuda.microtiles.stage`).
+    each thread issues ``load_columns`` loads of K and of V before it stores any of them
+    (:func:`~flashlab.cuda.microtiles.stage`). Shared-memory indices are cast to ``index``: ``uint64``
+    (numba then skips the negative-index wrap-around test it emits for signed indices), or ``int64``
+    to measure what that test costs (``python -m flashlab.bench kernels``).
     """
-    D, BR, BC, TM, TN, G, UN, LC = d, rows, keys, tm, tn, g, unroll, LOAD_COLUMNS
+    D, BR, BC, TM, TN, G, UN, LC, IDX = d, rows, keys, tm, tn, g, unroll, load_columns, index
     R = BR // TM  # row groups
     TD = D // G  # O columns per thread
     W = min(4, TD)  # O columns a thread owns side by side
@@ -315,9 +320,9 @@ def register_tiled_source(
     KB, PB, VB, RB = lay.k, lay.p, lay.v, lay.red  # tile offsets (Q at 0)
     QS, KS, PST = lay.q_stride, lay.k_stride, lay.p_stride
     CAUSAL = causal
-    stage = device(microtiles.stage(BC, D, LC, T))
-    product = device(microtiles.product(TM, TN, R, G, D, UN))
-    accumulate = device(microtiles.accumulate(TM, TD, R, G, BC, UN))
+    stage = device(microtiles.stage(BC, D, LC, T, IDX))
+    product = device(microtiles.product(TM, TN, R, G, D, UN, IDX))
+    accumulate = device(microtiles.accumulate(TM, TD, R, G, BC, UN, IDX))
 
     def register_tiled(q, k, v, o, lse, n_q, n_k, scale, offset):
         smem = cuda.shared.array(0, float32)
@@ -341,7 +346,7 @@ def register_tiled_source(
         for e in range(tid, BR * D, T):  # Q tile, loaded once (if any key is visible), pre-scaled
             r = e // D
             c = e % D
-            smem[uint64(r * QS + c)] = q[bh, r0 + r, c] * scale2 if r0 + r < n_q and n_keys > 0 else ZERO
+            smem[IDX(r * QS + c)] = q[bh, r0 + r, c] * scale2 if r0 + r < n_q and n_keys > 0 else ZERO
         for a in range(TM):
             m_i[a] = NEG_INF
             l_i[a] = ZERO
@@ -361,13 +366,13 @@ def register_tiled_source(
                         if j >= n_k or (CAUSAL and j > i + offset):
                             s[a, b] = NEG_INF
                     mx = max(mx, s[a, b])
-                smem[uint64(RB + (rg + R * a) * G + cg)] = mx
+                smem[IDX(RB + (rg + R * a) * G + cg)] = mx
             cuda.syncthreads()  # partial maxima written; K no longer read (P may overwrite it)
             for a in range(TM):
                 r = rg + R * a
                 mx = m_i[a]
                 for h in range(G):
-                    mx = max(mx, smem[uint64(RB + r * G + h)])
+                    mx = max(mx, smem[IDX(RB + r * G + h)])
                 m_use = ZERO if mx == NEG_INF else mx  # a fully masked row stays 0, never nan
                 alpha = math.exp2(m_i[a] - m_use)
                 m_i[a] = mx
@@ -377,12 +382,12 @@ def register_tiled_source(
                 for b in range(TN):
                     p = math.exp2(s[a, b] - m_use)
                     l_i[a] += p
-                    smem[uint64(PB + r * PST + cg + G * b)] = p
+                    smem[IDX(PB + r * PST + cg + G * b)] = p
             cuda.syncthreads()
             accumulate(smem, acc, qf, vf, PB, PST, VB, D, rg, cg)  # O micro-tile += P V
             cuda.syncthreads()
         for a in range(TM):  # the row sum l: add the g partial sums of each row
-            smem[uint64(RB + (rg + R * a) * G + cg)] = l_i[a]
+            smem[IDX(RB + (rg + R * a) * G + cg)] = l_i[a]
         cuda.syncthreads()
         for a in range(TM):
             r = rg + R * a
@@ -390,7 +395,7 @@ def register_tiled_source(
             if i < n_q:
                 l = ZERO  # noqa: E741
                 for h in range(G):
-                    l += smem[uint64(RB + r * G + h)]  # noqa: E741
+                    l += smem[IDX(RB + r * G + h)]  # noqa: E741
                 inv = ONE / l if l > ZERO else ZERO
                 for b in range(TD):
                     o[bh, i, b // W * W * G + cg * W + b % W] = acc[a, b] * inv
@@ -407,10 +412,10 @@ def register_tiled_source(
 ROWWISE_TILES = {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS}
 TILED_TILES = {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS}
 REGISTER_TILED_TILES = {
-    16: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-    32: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-    64: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-    128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
+    16: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    32: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    64: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4, "load_columns": 8},
 }
 
 
@@ -449,10 +454,16 @@ def tiled_spec(d: int, causal: bool, t: dict, device: Callable, target: str) -> 
     return _spec("tiled", d, causal, src, t, (t["keys"], t["rows"]), 0, target)
 
 
-def register_tiled_spec(d: int, causal: bool, t: dict, device: Callable, target: str) -> KernelSpec:
-    """Kernel 3's spec; tiles ``rows, keys, tm, tn, g, unroll``: rows = tm * R, keys = g * tn,
-    g divides d, unroll divides d and keys, (rows / tm) * g <= 1024 threads."""
+def register_tiled_spec(
+    d: int, causal: bool, t: dict, device: Callable, target: str, index: str = "unsigned"
+) -> KernelSpec:
+    """Kernel 3's spec; tiles ``rows, keys, tm, tn, g, unroll, load_columns``: rows = tm * R,
+    keys = g * tn, g divides d, unroll divides d and keys, load_columns divides d,
+    (rows / tm) * g <= 1024 threads. ``index``: ``"unsigned"`` or ``"signed"`` shared-memory indices."""
     rows, keys, tm, tn, g, unroll = (t[x] for x in ("rows", "keys", "tm", "tn", "g", "unroll"))
+    if index not in INDEX_TYPES:
+        raise ValueError(f"register_tiled: index must be one of {', '.join(INDEX_TYPES)}, got {index!r}")
+    check_divides("register_tiled", d, "d", t["load_columns"], "load_columns")
     check_divides("register_tiled", rows, "rows", tm, "tm")
     check_divides("register_tiled", d, "d", g, "g")
     check_divides("register_tiled", d, "d", unroll, "unroll")
@@ -462,6 +473,8 @@ def register_tiled_spec(d: int, causal: bool, t: dict, device: Callable, target:
     threads = rows // tm * g
     if threads > 1024:
         raise ValueError(f"register_tiled: (rows/tm)*g = {threads} threads > 1024 per block")
-    src = register_tiled_source(d, rows, keys, tm, tn, g, causal, unroll, device)
+    src = register_tiled_source(
+        d, rows, keys, tm, tn, g, causal, unroll, device, t["load_columns"], INDEX_TYPES[index]
+    )
     shared = 4 * register_layout(d, rows, keys, g).floats
     return _spec("register_tiled", d, causal, src, t, (threads,), shared, target)

@@ -51,15 +51,14 @@ def device_function(fn):
     return cuda.jit(device=True)(fn)
 
 
-def kernel_spec(
-    name: str, d: int, causal: bool, tiles: Mapping | None = None, *, key_step=None
-) -> KernelSpec:
-    """The spec of registry kernel ``name`` for where kernels run now (GPU: helpers as device functions)."""
+def kernel_spec(name: str, d: int, causal: bool, tiles: Mapping | None = None, **options) -> KernelSpec:
+    """The spec of registry kernel ``name`` for where kernels run now (GPU: helpers as device functions).
+
+    ``options``: the entry's extra keywords (rowwise ``key_step``, register_tiled ``index``)."""
     gpu = device.MODE == "gpu"
-    extra = {} if key_step is None else {"key_step": key_step}
     return make_kernel(
         name, d, causal, target="gpu" if gpu else "sim", device=device_function if gpu else None,
-        **dict(tiles or {}), **extra,
+        **dict(tiles or {}), **options,
     )  # fmt: skip
 
 
@@ -97,8 +96,14 @@ def run(spec: KernelSpec, args: Mapping, *, make=None):
 
 
 def is_cuda_tensor(x) -> bool:
-    """A torch tensor on a CUDA device (the kernels use it in place)."""
-    return hasattr(x, "is_cuda") and hasattr(x, "__cuda_array_interface__") and bool(x.is_cuda)
+    """A torch tensor on a CUDA device (the kernels use it in place; kernels must then run on the GPU)."""
+    cuda_tensor = hasattr(x, "is_cuda") and hasattr(x, "__cuda_array_interface__") and bool(x.is_cuda)
+    if cuda_tensor and device.MODE != "gpu":
+        raise RuntimeError(
+            "torch CUDA tensors were given but kernels run in the simulator (FLASHLAB_DEVICE=sim); "
+            "pass NumPy arrays, or restart without FLASHLAB_DEVICE=sim"
+        )
+    return cuda_tensor
 
 
 def _on_device(arrays: dict) -> dict:

@@ -1,7 +1,8 @@
 """The micro-tile steps that the forward and backward kernels share: one source for each.
 
 A thread block keeps its tiles in one dynamic shared-memory array ``smem`` (floats, indexed by
-``uint64`` so that numba skips the negative-index test it emits for signed indices). A thread of
+``index``: ``uint64`` by default, so that numba skips the negative-index wrap-around test it emits
+for signed indices; ``int64`` only to measure what that test costs). A thread of
 row group ``rg`` and column group ``cg`` owns a ``tm x tn`` micro-tile in registers: rows
 ``rg + R*a`` (a < tm) and columns ``cg + G*b`` (b < tn). Three steps recur:
 
@@ -31,12 +32,12 @@ ZERO = np.float32(0.0)
 
 
 @cache
-def stage(rows: int, d: int, lc: int, threads: int):
+def stage(rows: int, d: int, lc: int, threads: int, index=uint64):
     """``stage(smem, dst_a, stride_a, dst_b, stride_b, src_a, src_b, bh, row0, n, mul_a, ra, rb, tid)``:
     rows ``row0 .. row0 + rows - 1`` of ``src_a[bh]`` (times ``mul_a``) and ``src_b[bh]`` to shared
     memory at ``dst_a``, ``dst_b`` (row strides ``stride_a``, ``stride_b``); rows at or past ``n`` as
     zeros. ``ra, rb``: the caller's ``lc``-float register scratch."""
-    ROWS, D, LC, T = rows, d, lc, threads
+    ROWS, D, LC, T, IDX = rows, d, lc, threads, index
     STEPS = D // LC
 
     def stage_rows(smem, dst_a, stride_a, dst_b, stride_b, src_a, src_b, bh, row0, n, mul_a, ra, rb, tid):
@@ -52,19 +53,19 @@ def stage(rows: int, d: int, lc: int, threads: int):
                     ra[u] = ZERO
                     rb[u] = ZERO
             for u in range(LC):
-                smem[uint64(dst_a + r * stride_a + c + u)] = ra[u]
-                smem[uint64(dst_b + r * stride_b + c + u)] = rb[u]
+                smem[IDX(dst_a + r * stride_a + c + u)] = ra[u]
+                smem[IDX(dst_b + r * stride_b + c + u)] = rb[u]
 
     return stage_rows
 
 
 @cache
-def product(tm: int, tn: int, row_groups: int, g: int, d: int, unroll: int):
+def product(tm: int, tn: int, row_groups: int, g: int, d: int, unroll: int, index=uint64):
     """``product(smem, out, lf, xf, left, left_stride, right, right_stride, rg, cg)``:
     ``out[a, b] = sum_c L[rg + R*a, c] * X[cg + G*b, c]``, a ``tm x tn`` micro-tile of ``L X^T``
     for row-major shared tiles ``L`` at ``left`` and ``X`` at ``right`` (``d`` columns each).
     ``lf (tm, unroll)``, ``xf (tn, unroll)``: register scratch."""
-    TM, TN, R, G, D, UN = tm, tn, row_groups, g, d, unroll
+    TM, TN, R, G, D, UN, IDX = tm, tn, row_groups, g, d, unroll, index
 
     def micro_product(smem, out, lf, xf, left, left_stride, right, right_stride, rg, cg):
         for a in range(TM):
@@ -73,10 +74,10 @@ def product(tm: int, tn: int, row_groups: int, g: int, d: int, unroll: int):
         for c0 in range(0, D, UN):
             for a in range(TM):
                 for u in range(UN):
-                    lf[a, u] = smem[uint64(left + (rg + R * a) * left_stride + c0 + u)]
+                    lf[a, u] = smem[IDX(left + (rg + R * a) * left_stride + c0 + u)]
             for b in range(TN):
                 for u in range(UN):
-                    xf[b, u] = smem[uint64(right + (cg + G * b) * right_stride + c0 + u)]
+                    xf[b, u] = smem[IDX(right + (cg + G * b) * right_stride + c0 + u)]
             for u in range(UN):
                 for a in range(TM):
                     for b in range(TN):
@@ -86,22 +87,22 @@ def product(tm: int, tn: int, row_groups: int, g: int, d: int, unroll: int):
 
 
 @cache
-def accumulate(tm: int, td: int, row_groups: int, g: int, inner: int, unroll: int):
+def accumulate(tm: int, td: int, row_groups: int, g: int, inner: int, unroll: int, index=uint64):
     """``accumulate(smem, acc, lf, xf, left, left_stride, right, right_stride, rg, cg)``:
     ``acc[a, b] += sum_r L[rg + R*a, r] * X[r, col(b)]`` over ``inner`` values of ``r``, for row-major
     shared tiles ``L`` at ``left`` and ``X`` at ``right``; ``col(b) = b // w * w * g + cg * w + b % w``.
     ``lf (tm, unroll)``, ``xf (unroll, td)``: register scratch."""
-    TM, TD, R, G, K, UN = tm, td, row_groups, g, inner, unroll
+    TM, TD, R, G, K, UN, IDX = tm, td, row_groups, g, inner, unroll, index
     W = min(4, TD)
 
     def micro_accumulate(smem, acc, lf, xf, left, left_stride, right, right_stride, rg, cg):
         for r0 in range(0, K, UN):
             for a in range(TM):
                 for u in range(UN):
-                    lf[a, u] = smem[uint64(left + (rg + R * a) * left_stride + r0 + u)]
+                    lf[a, u] = smem[IDX(left + (rg + R * a) * left_stride + r0 + u)]
             for u in range(UN):
                 for b in range(TD):
-                    xf[u, b] = smem[uint64(right + (r0 + u) * right_stride + b // W * W * G + cg * W + b % W)]
+                    xf[u, b] = smem[IDX(right + (r0 + u) * right_stride + b // W * W * G + cg * W + b % W)]
             for u in range(UN):
                 for a in range(TM):
                     for b in range(TD):

@@ -27,7 +27,9 @@ class Kernel(NamedTuple):
 REGISTRY: dict[str, Kernel] = {
     "rowwise": Kernel(forward.rowwise_spec, forward.ROWWISE_TILES, "forward", ("key_step",)),
     "tiled": Kernel(forward.tiled_spec, forward.TILED_TILES, "forward"),
-    "register_tiled": Kernel(forward.register_tiled_spec, forward.REGISTER_TILED_TILES, "forward"),
+    "register_tiled": Kernel(
+        forward.register_tiled_spec, forward.REGISTER_TILED_TILES, "forward", ("index",)
+    ),
     "backward": Kernel(backward.backward_spec, backward.BACKWARD_TILES, "backward"),
 }
 
@@ -51,14 +53,13 @@ def make_kernel(
     entry = REGISTRY[name]
     if d not in entry.tiles:
         raise ValueError(f"head dim d={d} is not supported by the kernels; supported: {tuple(entry.tiles)}")
-    options = {key: tiles.pop(key) for key in entry.options if key in tiles}
+    options = {key: tiles.pop(key) for key in entry.options if tiles.get(key) is not None}
     known = entry.tiles[d]
     unknown = set(tiles) - set(known)
     if unknown:
-        extra = {"key_step"} & unknown
-        if extra:
-            raise ValueError("key_step replaces the inner loop of the rowwise kernel only")
-        raise ValueError(f"unknown tile parameter(s) {sorted(unknown)} for {name}; known: {sorted(known)}")
+        raise ValueError(
+            f"unknown tile parameter(s) {sorted(unknown)} for {name}; known: {sorted(known)}"
+            + "".join(f" (option {key!r} belongs to another kernel)" for key in unknown if key == "key_step")
+        )
     t = {key: check_block(key, tiles.get(key, value)) for key, value in known.items()}
-    options = {key: value for key, value in options.items() if value is not None}
     return entry.build(d, bool(causal), t, device or python_function, target, **options)
