@@ -300,6 +300,9 @@ def test_ncu_raw_csv_is_parsed_into_metrics_and_stall_reasons():
     assert list(profile.stall_reasons(forward)) == ["mio_throttle", "barrier", "long_scoreboard"]
     rows = profile.rows_from(kernels, Namespace(heads=32, n=4096, d=64, causal=False))
     assert {r["target"] for r in rows} == {"forward", "backward"} and len(rows) == 2 * 5
+    brief = profile.summary(rows)
+    assert brief["forward"]["metrics"]["duration"] == (4912.61, "usecond")
+    assert next(iter(brief["backward"]["stalls"])) == "long_scoreboard"
     with pytest.raises(ValueError, match="no ncu raw CSV"):
         profile.parse_raw_csv("==PROF== Connected\nno kernels were profiled\n")
     command = profile.ncu_command(Namespace(heads=32, n=4096, d=64, causal=False), "ncu")

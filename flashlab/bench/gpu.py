@@ -40,6 +40,22 @@ TORCH = (
     "sdpa_cudnn_bf16",
 )
 IMPLS = FLASHLAB + TORCH
+# which units compute each implementation's multiply-adds (so that each is compared with its own ceiling)
+UNITS = dict.fromkeys(FLASHLAB + ("torch_naive_fp32", "sdpa_math_fp32"), "fp32 FMA")
+UNITS |= {"sdpa_mem_efficient_fp32": "3xTF32 tensor cores"}  # CUTLASS OpMultiplyAddFastF32 on sm80+
+UNITS |= {"sdpa_flash_bf16": "bf16 tensor cores", "sdpa_cudnn_bf16": "bf16 tensor cores"}
+
+
+def ceiling_flops(units: str, gpu: dict) -> float:
+    """FLOP/s ceiling of ``units`` from a ``data/hardware.json`` entry: the FMA rate; bf16 dense tensor
+    cores; 3xTF32 = three TF32 products per float32 product, TF32 at half the bf16 rate (Hopper)."""
+    return {
+        "fp32 FMA": gpu["fp32_flops_per_s"],
+        "bf16 tensor cores": gpu["bf16_dense_flops_per_s"],
+        "3xTF32 tensor cores": gpu["bf16_dense_flops_per_s"] / 2 / 3,
+    }[units]
+
+
 ROWS_PER_RUN = 131072  # heads x N: enough query rows to fill an H200 (1024 blocks of 128 rows)
 REF_HEADS = 2  # heads checked against the float64 reference
 

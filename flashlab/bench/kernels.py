@@ -83,6 +83,17 @@ def _count(ops: list[str]) -> dict:
     return counts | {"instructions": len(ops)}
 
 
+def mean_tflops(log: list[dict], version: str, *, n=4096, d=64, causal=False, tiles=None) -> float | None:
+    """Mean TFLOP/s of the log's rows of one variant and shape (over passes); None if not measured."""
+    hits = [
+        r["tflops"]
+        for r in log
+        if r["version"] == version and r["n"] == n and r["d"] == d and r["causal"] == causal
+        and r.get("tflops") is not None and (tiles is None or r["tiles"] == tiles)
+    ]  # fmt: skip
+    return sum(hits) / len(hits) if hits else None
+
+
 def _tiles_text(spec) -> str:
     return " ".join(f"{key}={value}" for key, value in spec.tiles)
 

@@ -84,6 +84,17 @@ def stall_reasons(metrics: dict) -> dict[str, float]:
     return dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
 
 
+def summary(rows: list[dict]) -> dict[str, dict]:
+    """Per target (``forward``, ``backward``), from the rows of ``data/gpu_h200_ncu.csv``: the
+    :data:`KEY_METRICS` found (``{label: (value, unit)}``) and the stall reasons, largest first."""
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        metrics = {r["metric"]: (r["unit"], r["value"]) for r in rows if r["target"] == target}
+        found = {label: metrics[m][::-1] for m, label in KEY_METRICS.items() if m in metrics}
+        out[target] = {"metrics": found, "stalls": stall_reasons(metrics)}
+    return out
+
+
 def ncu_command(args, ncu: str) -> list[str]:
     """The ``ncu`` command line that profiles one launch of each target in a child process."""
     regex = "|".join(TARGETS.values())
