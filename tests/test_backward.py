@@ -371,3 +371,23 @@ def test_kernel_on_gpu_equals_float64_autograd(causal):
     assert all(g.is_cuda and g.dtype == torch.float32 for g in grads)
     expected = [x.grad.numpy() for x in (q64, k64, v64)]
     assert_grads_close([g.cpu().numpy() for g in grads], expected, np.float32)
+
+
+# --- the chapter-5 exercise: one (query block, key block) pair -----------------------------------
+def test_block_pair_exercise_accepts_the_solution_and_names_each_mistake():
+    from flashlab.check import Mistake, check
+    from flashlab.exercises import backward as ex
+
+    assert check("backward_block_pair", ex.block_pair_backward) is True
+    for mistake, words in ex.BLOCK_MISTAKES.items():
+        with pytest.raises(Mistake, match=words.split(":")[0][:40]):
+            check("backward_block_pair", mistake)
+
+    def transposed(q, k, v, do, lse, delta, scale, mask):
+        dq, dk, dv = ex.block_pair_backward(q, k, v, do, lse, delta, scale, mask)
+        s = np.where(mask, scale * (q @ k.T), -np.inf)
+        p = np.exp(s - np.where(np.isfinite(lse), lse, 0.0)[:, None])
+        return dq, dk, p @ v  # P dO written as P V: the wrong shape for dV_j
+
+    with pytest.raises(Mistake, match="dv_j must have shape"):
+        check("backward_block_pair", transposed)
