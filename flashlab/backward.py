@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashlab.inputs import as_float_array, attention_inputs, causal_mask, check_block
+from flashlab.inputs import attention_inputs, backward_inputs, causal_mask, check_block, check_saved
 from flashlab.tiles import block_range, first_row_block, n_blocks, tile_mask, tile_needs_mask
 
 
@@ -35,16 +35,6 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     grad = grad.sum(axis=tuple(range(lead))) if lead else grad
     stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     return grad.sum(axis=stretched, keepdims=True) if stretched else grad
-
-
-def check_saved(name: str, x, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A tensor saved by (or flowing into) the forward: floating, of exactly ``shape``."""
-    a = as_float_array(name, x)
-    if a.shape != shape:
-        raise ValueError(
-            f"{name} must have shape {shape} (what the forward returns for these q, k, v), got {a.shape}"
-        )
-    return a.astype(dtype, copy=False)
 
 
 def gradients_to_inputs(a, q, k, v, grads):
@@ -171,14 +161,10 @@ def flash_attention_backward(
             - line 22: ``dK_j += scale dS^T Q_i``
         - line 24: write dK_j, dV_j
     """
-    a = attention_inputs(q, k, v, scale)
+    a, o, lse, do = backward_inputs(q, k, v, o, lse, do, scale)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
     qq, kk, vv = a.q, a.k, a.v
     n_q, n_k = qq.shape[-2], kk.shape[-2]
-    out_shape = qq.shape[:-1] + vv.shape[-1:]
-    o = check_saved("o", o, out_shape, qq.dtype)
-    do = check_saved("do", do, out_shape, qq.dtype)
-    lse = check_saved("lse", lse, qq.shape[:-1], qq.dtype)
     count = memory is not None
     lse_safe = np.where(np.isfinite(lse), lse, 0.0)  # fully masked rows: S = -inf there, so P = 0
 

@@ -102,7 +102,7 @@ def _exercise(name: str) -> Exercise:
 
 def _plain(x):
     """A copy of ``x`` as it is now: arrays copied (also the simulator's counted arrays), rest as is."""
-    array = getattr(x, "array", x)  # flashlab.kernel_traffic.Counted wraps a NumPy array
+    array = getattr(x, "array", x)  # flashlab.cuda.traffic.CountingArray wraps a NumPy array
     return np.array(array, copy=True) if isinstance(array, np.ndarray) else x
 
 

@@ -106,3 +106,50 @@ def causal_mask(n_q: int, n_k: int) -> np.ndarray:
     (``j <= i``); the two agree only when ``N_q == N_k``.
     """
     return np.arange(n_k)[None, :] <= np.arange(n_q)[:, None] + causal_offset(n_q, n_k)
+
+
+def check_saved(name: str, x, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A tensor saved by (or flowing into) the forward: floating, of exactly ``shape``."""
+    a = as_float_array(name, x)
+    if a.shape != shape:
+        raise ValueError(
+            f"{name} must have shape {shape} (what the forward returns for these q, k, v), got {a.shape}"
+        )
+    return a.astype(dtype, copy=False)
+
+
+def backward_inputs(q, k, v, o, lse, do, scale=None):
+    """Validate a backward's inputs: ``(Attention, o, lse, do)``, the last three of the forward's shapes
+    (``o, do (..., N_q, d_v)``, ``lse (..., N_q)``, leading dims broadcast) in the compute dtype."""
+    a = attention_inputs(q, k, v, scale)
+    out_shape = a.q.shape[:-1] + a.v.shape[-1:]
+    o = check_saved("o", o, out_shape, a.q.dtype)
+    lse = check_saved("lse", lse, a.q.shape[:-1], a.q.dtype)
+    do = check_saved("do", do, out_shape, a.q.dtype)
+    return a, o, lse, do
+
+
+def check_kernel_head_dims(d: int, d_v: int, dtype, supported) -> int:
+    """Head dims and dtype a numba.cuda kernel takes: ``d`` in ``supported``, ``d_v == d``, float32."""
+    supported = tuple(supported)
+    if d not in supported:
+        raise ValueError(
+            f"head dim d={d} is not supported by the kernels; supported d: {supported} "
+            "(flashlab.flash_attention, the NumPy version, takes any d)"
+        )
+    if d_v != d:
+        raise ValueError(f"v's head dim must equal q's for the kernels: got d={d}, d_v={d_v}")
+    if np.dtype(dtype) != np.float32:
+        raise ValueError(
+            f"the kernels compute in float32; got dtype {np.dtype(dtype)}. Pass float32 (or float16) "
+            "arrays, e.g. q.astype(np.float32); flashlab.naive_attention handles float64"
+        )
+    return d
+
+
+def shape_stand_in(name: str, x) -> np.ndarray:
+    """A zero-byte float32 NumPy array with the shape of torch tensor ``x``, so that the checks above
+    validate a tensor on the GPU without copying it; ``ValueError`` unless ``x`` is float32."""
+    if str(x.dtype) != "torch.float32":
+        raise ValueError(f"{name}: the kernels compute in float32, got a {x.dtype} tensor ({name}.float())")
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(x.shape), (0,) * x.dim())

@@ -12,8 +12,10 @@ import flashlab  # noqa: F401  (before numba)
 from flashlab import traffic
 from flashlab.attention import naive_attention
 from flashlab.backward import flash_attention_backward, naive_attention_backward
+from flashlab.cuda import flash_attention_backward as kernel_backward
+from flashlab.cuda import traffic as kernel_traffic
+from flashlab.cuda.registry import make_kernel
 from flashlab.flash import flash_attention
-from flashlab.gpu_backward import flash_attention_backward as kernel_backward
 from flashlab.inputs import causal_mask
 from flashlab.memory import MemoryModel
 from flashlab.torch import flash_attention as torch_flash_attention
@@ -278,37 +280,74 @@ def test_torch_bridge_rejects_arrays():
 
 
 # --- the numba.cuda kernel (simulator here) ------------------------------------------------------
+# Small tiles: 32 threads per block instead of 256, so the simulator stays quick; every tile rule holds
+# (keys = tk * R, rows = g * tn, min(32, d) divides the threads and their quotient divides rows).
+SMALL = {"keys": 8, "rows": 8, "tk": 2, "tn": 1, "g": 8, "unroll": 2}
+
+
 @pytest.mark.parametrize(
-    "n_q, n_k, d, causal",
+    "n_q, n_k, d, causal, tiles",
     [
-        (40, 45, 16, True),
-        (45, 40, 16, True),
-        (20, 70, 32, False),
-        (1, 33, 16, True),
-        (33, 1, 16, False),
-        (12, 40, 64, True),
-        (9, 33, 128, False),
-        (140, 150, 16, True),
-        (33, 40, 128, True),
+        (20, 23, 16, True, SMALL),
+        (23, 20, 16, True, SMALL),
+        (10, 35, 32, False, SMALL),
+        (1, 17, 16, True, SMALL),
+        (17, 1, 16, False, SMALL),
+        (6, 20, 64, True, SMALL),
+        (9, 11, 128, True, SMALL),
+        (19, 21, 16, True, {"keys": 8, "rows": 16, "tk": 4, "tn": 2, "g": 8, "unroll": 4}),
     ],
 )
-def test_kernel_equals_numpy_backward(n_q, n_k, d, causal):
+def test_kernel_equals_numpy_backward(n_q, n_k, d, causal, tiles):
     """Ragged (N not a multiple of the tiles), N smaller than a tile, N_q != N_k, fully masked rows,
-    every head dim's tile shape; several Q tiles per thread block and several key blocks (causal:
-    Q tiles above the diagonal skipped, tiles below it unmasked)."""
+    every head dim; several Q tiles per thread block and several key blocks (causal: Q tiles above
+    the diagonal skipped, tiles below it unmasked)."""
     rng = np.random.default_rng(n_q + n_k + d)
     q, do = (rng.standard_normal((1, 2, n_q, d)).astype(np.float32) for _ in range(2))
     k, v = (rng.standard_normal((1, 2, n_k, d)).astype(np.float32) for _ in range(2))
     o, lse = forward(q, k, v, causal)
-    grads = kernel_backward(q, k, v, o, lse, do, causal=causal)
+    grads = kernel_backward(q, k, v, o, lse, do, causal=causal, tiles=tiles)
     assert all(g.dtype == np.float32 for g in grads)
     wide = [x.astype(np.float64) for x in (q, k, v, o, lse, do)]
     assert_grads_close(grads, flash_attention_backward(*wide, causal=causal), np.float32)
 
 
+@pytest.mark.parametrize("n_q, n_k, causal", [(19, 13, False), (13, 19, True), (19, 13, True)])
+def test_counted_kernel_backward_traffic_equals_the_model(n_q, n_k, causal):
+    """Global reads/writes counted from the backward kernel's source (pre-pass included) == chapter 3's
+    FA2 closed form for the same tiles, but for one pass: the pre-pass writes dQ = 0 to global memory
+    (line 5 of Algorithm 4, which the model counts as an allocation), N_q d more writes of dQ."""
+    rng = np.random.default_rng(n_q * n_k)
+    q, k, v, do = (rng.standard_normal((2, n, 16)).astype(np.float32) for n in (n_q, n_k, n_k, n_q))
+    o, lse = forward(q, k, v, causal)
+    counted, grads = kernel_traffic.count_backward_traffic(q, k, v, o, lse, do, causal=causal, tiles=SMALL)
+    model = kernel_traffic.model_traffic(counted, n_q, n_k, 16, causal=causal, batch=2)
+    zeroing = traffic.Traffic({}, {"dQ": 2 * n_q * 16})
+    assert counted.hbm() == model + zeroing
+    assert counted.rereads()["K"] == counted.rereads()["V"] == 1.0  # K_j, V_j: loaded once, kept on chip
+    wide = [x.astype(np.float64) for x in (q, k, v, o, lse, do)]
+    assert_grads_close(grads, flash_attention_backward(*wide, causal=causal), np.float32)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+def test_default_backward_tiles_obey_the_tile_rules(d):
+    """The GPU's tiles (256 threads: too slow to simulate here, run by the GPU tests) pass the checks."""
+    spec = make_kernel("backward", d, True)
+    assert spec.block == (spec.tile["keys"] // spec.tile["tk"] * spec.tile["g"],)
+    assert spec.launch_bounds == (spec.block[0], spec.tile["blocks"])
+
+
+def test_backward_tiles_are_checked_by_name():
+    q = np.ones((4, 16), np.float32)
+    with pytest.raises(ValueError, match="rows=8 must equal g\\*tn=16"):
+        kernel_backward(q, q, q, q, np.zeros(4), q, tiles={"keys": 8, "rows": 8, "tk": 2, "tn": 2, "g": 8})
+    with pytest.raises(ValueError, match="dQ step needs"):
+        kernel_backward(q, q, q, q, np.zeros(4), q, tiles={"keys": 4, "rows": 4, "tk": 2, "tn": 1, "g": 4})
+
+
 @pytest.mark.parametrize(
     "shapes, match",
-    [(((8, 24), (8, 24), (8, 24)), "d = d_v in"), (((8, 16), (8, 16), (8, 32)), "d = d_v in")],
+    [(((8, 24), (8, 24), (8, 24)), "d=24 is not supported"), (((8, 16), (8, 16), (8, 32)), "d_v=32")],
 )
 def test_kernel_rejects_unsupported_head_dims(shapes, match):
     q, k, v = (np.ones(s, np.float32) for s in shapes)
@@ -332,3 +371,23 @@ def test_kernel_on_gpu_equals_float64_autograd(causal):
     assert all(g.is_cuda and g.dtype == torch.float32 for g in grads)
     expected = [x.grad.numpy() for x in (q64, k64, v64)]
     assert_grads_close([g.cpu().numpy() for g in grads], expected, np.float32)
+
+
+# --- the chapter-5 exercise: one (query block, key block) pair -----------------------------------
+def test_block_pair_exercise_accepts_the_solution_and_names_each_mistake():
+    from flashlab.check import Mistake, check
+    from flashlab.exercises import backward as ex
+
+    assert check("backward_block_pair", ex.block_pair_backward) is True
+    for mistake, words in ex.BLOCK_MISTAKES.items():
+        with pytest.raises(Mistake, match=words.split(":")[0][:40]):
+            check("backward_block_pair", mistake)
+
+    def transposed(q, k, v, do, lse, delta, scale, mask):
+        dq, dk, dv = ex.block_pair_backward(q, k, v, do, lse, delta, scale, mask)
+        s = np.where(mask, scale * (q @ k.T), -np.inf)
+        p = np.exp(s - np.where(np.isfinite(lse), lse, 0.0)[:, None])
+        return dq, dk, p @ v  # P dO written as P V: the wrong shape for dV_j
+
+    with pytest.raises(Mistake, match="dv_j must have shape"):
+        check("backward_block_pair", transposed)

@@ -1,4 +1,4 @@
-"""``python -m flashlab.bench {cpu,gpu} [options]``: dispatch to the chosen benchmark."""
+"""``python -m flashlab.bench TARGET [options]``: dispatch to the chosen benchmark (see :data:`TARGETS`)."""
 
 import importlib
 import sys
@@ -7,6 +7,8 @@ TARGETS = {
     "cpu": "flashlab.bench.cpu",
     "gpu": "flashlab.bench.gpu",
     "memory": "flashlab.bench.memory",
+    "profile": "flashlab.bench.profile",
+    "kernels": "flashlab.bench.kernels",
 }
 
 

@@ -65,6 +65,43 @@ def write_results(name: str, rows: list[dict], meta: dict, directory: Path | Non
     return path
 
 
+def _typed(values: list[str]):
+    """A column's type from its non-empty values: bool (True/False), int, float, else str."""
+    filled = [x for x in values if x != ""]
+    for kind in (_bool, int, float):
+        try:
+            for x in filled:
+                kind(x)
+        except ValueError:
+            continue
+        return kind
+    return str
+
+
+def _bool(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
+
+def load_results(name: str, directory: Path | None = None) -> list[dict]:
+    """The rows of ``<directory>/<name>.csv`` (as :func:`write_results` wrote them) with typed columns.
+
+    Each column gets one type from its values: ``bool`` (True/False), ``int``, ``float``, else ``str``;
+    an empty cell is ``None``. ``FileNotFoundError`` names the command that writes the file, as its
+    provenance says (``python -m flashlab.bench ...``).
+    """
+    path = Path(directory or DATA) / f"{name}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path.name} does not exist yet: run `python -m flashlab.bench` on a GPU")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    kinds = {col: _typed([row[col] for row in rows]) for col in rows[0]}
+    return [{col: None if x == "" else kinds[col](x) for col, x in row.items()} for row in rows]
+
+
 def blas_threads(limit: int | None):
     """Context limiting NumPy's BLAS to ``limit`` threads (``None``: leave it as it is).
 

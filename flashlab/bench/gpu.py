@@ -2,7 +2,7 @@
 
 Forward rows (``direction="fwd"``), float32 unless the impl says bf16, batch 1:
 
-- ``flashlab_rowwise``, ``flashlab_tiled``, ``flashlab_register_tiled``: :mod:`flashlab.kernels`;
+- ``flashlab_rowwise``, ``flashlab_tiled``, ``flashlab_register_tiled``: :mod:`flashlab.cuda.forward`;
 - ``torch_naive_fp32``: matmul, (mask,) softmax, matmul (S and P in GPU memory);
 - ``sdpa_math_fp32``, ``sdpa_mem_efficient_fp32``, ``sdpa_flash_bf16``, ``sdpa_cudnn_bf16``:
   ``torch.nn.functional.scaled_dot_product_attention`` pinned to one backend.
@@ -15,8 +15,9 @@ causal (:func:`flashlab.bench.common.attention_tflops`); ``peak_mem_bytes`` = to
 from a float64 reference computed on the GPU for the first two heads. Causal rows have N_q = N_k
 (torch's top-left and flashlab's bottom-right conventions agree there).
 
-Backward rows (``direction="bwd"``) come from :func:`flashlab.bench.gpu_backward.backward_rows`
-when that module is present. Everything goes to ``data/<--out>.csv`` with a provenance file.
+Backward rows (``direction="bwd"``) come from :func:`flashlab.bench.gpu_backward.backward_rows`.
+Everything goes to ``data/<--out>.csv`` with a provenance file; :func:`flashlab.bench.common.load_results`
+reads it back with typed columns.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ TORCH = (
     "sdpa_cudnn_bf16",
 )
 IMPLS = FLASHLAB + TORCH
+# which units compute each implementation's multiply-adds (so that each is compared with its own ceiling)
+UNITS = dict.fromkeys(FLASHLAB + ("torch_naive_fp32", "sdpa_math_fp32"), "fp32 FMA")
+UNITS |= {"sdpa_mem_efficient_fp32": "3xTF32 tensor cores"}  # CUTLASS OpMultiplyAddFastF32 on sm80+
+UNITS |= {"sdpa_flash_bf16": "bf16 tensor cores", "sdpa_cudnn_bf16": "bf16 tensor cores"}
+
+
+def ceiling_flops(units: str, gpu: dict) -> float:
+    """FLOP/s ceiling of ``units`` from a ``data/hardware.json`` entry: the FMA rate; bf16 dense tensor
+    cores; 3xTF32 = three TF32 products per float32 product, TF32 at half the bf16 rate (Hopper)."""
+    return {
+        "fp32 FMA": gpu["fp32_flops_per_s"],
+        "bf16 tensor cores": gpu["bf16_dense_flops_per_s"],
+        "3xTF32 tensor cores": gpu["bf16_dense_flops_per_s"] / 2 / 3,
+    }[units]
+
+
 ROWS_PER_RUN = 131072  # heads x N: enough query rows to fill an H200 (1024 blocks of 128 rows)
 REF_HEADS = 2  # heads checked against the float64 reference
 
@@ -82,42 +99,46 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated()
 
 
-def causal_mask(n: int, device_):
+def future_mask(n: int, device_):
+    """``(n, n)`` bool, True where key ``j > i`` is in query ``i``'s future: the entries causal attention
+    masks out (the opposite of :func:`flashlab.inputs.causal_mask`, which is True where visible)."""
     import torch
 
     return torch.ones(n, n, dtype=torch.bool, device=device_).triu(1)
 
 
-def _reference(q, k, v, causal: bool, scale: float):
+def reference(q, k, v, causal: bool, scale: float):
     """Float64 attention of the first :data:`REF_HEADS` heads, on the GPU."""
     import torch
 
     q, k, v = (x[:, :REF_HEADS].double() for x in (q, k, v))
     s = scale * q @ k.transpose(-1, -2)
     if causal:
-        s = s.masked_fill(causal_mask(s.shape[-1], s.device), -math.inf)
+        s = s.masked_fill(future_mask(s.shape[-1], s.device), -math.inf)
     return torch.softmax(s, dim=-1) @ v
 
 
-def _flashlab(kernel: str):
-    """A prepared launch of one kernel: compiled once, arguments built once, so only the launch is timed."""
+def flashlab_runner(kernel: str, tiles: dict | None = None, options: dict | None = None):
+    """A prepared launch of one kernel (registry name, optional tiles and options): compiled once,
+    arguments built once, so only the launch is timed."""
 
     def make(q, k, v, causal, scale):
-        import numpy as np
         import torch
         from numba import cuda
 
-        from flashlab import gpu
+        from flashlab.cuda import launch
 
         heads, n, d = q.shape[1:]
-        spec = gpu.kernel_spec(kernel, d, causal)
-        kern = gpu.compiled(spec)[(math.ceil(n / spec.rows), heads), spec.block, 0, spec.shared_bytes]
+        spec = launch.kernel_spec(kernel, d, causal, tiles, **(options or {}))
         o = torch.empty(1, heads, n, d, device=q.device)
         lse = torch.empty(1, heads, n, device=q.device)
-        args = [cuda.as_cuda_array(x[0]) for x in (q, k, v, o, lse)]
+        views = {name: cuda.as_cuda_array(x[0]) for name, x in (("q", q), ("k", k), ("v", v))}
+        args = launch.forward_args(views, cuda.as_cuda_array(o[0]), cuda.as_cuda_array(lse[0]), scale)
+        kern = launch.compiled(spec)[spec.grid(args), spec.block, 0, spec.shared_bytes]
+        values = tuple(args[name] for name in spec.params)
 
         def run():
-            kern(*args, n, n, np.float32(scale), 0)
+            kern(*values)
             return o
 
         return run
@@ -128,7 +149,7 @@ def _flashlab(kernel: str):
 def _naive_fp32(q, k, v, causal, scale):
     import torch
 
-    mask = causal_mask(q.shape[-2], q.device) if causal else None
+    mask = future_mask(q.shape[-2], q.device) if causal else None
 
     def run():
         s = scale * q @ k.transpose(-1, -2)
@@ -159,9 +180,9 @@ def _sdpa(backend: str, dtype: str):
 
 
 RUNNERS = {
-    "flashlab_rowwise": _flashlab("rowwise"),
-    "flashlab_tiled": _flashlab("tiled"),
-    "flashlab_register_tiled": _flashlab("register_tiled"),
+    "flashlab_rowwise": flashlab_runner("rowwise"),
+    "flashlab_tiled": flashlab_runner("tiled"),
+    "flashlab_register_tiled": flashlab_runner("register_tiled"),
     "torch_naive_fp32": _naive_fp32,
     "sdpa_math_fp32": _sdpa("MATH", "float32"),
     "sdpa_mem_efficient_fp32": _sdpa("EFFICIENT_ATTENTION", "float32"),
@@ -239,7 +260,7 @@ def main(argv: list[str]) -> int:
             heads = heads_for(n)
             q, k, v = (torch.randn(1, heads, n, d, device="cuda", generator=gen) for _ in range(3))
             for causal in causal_values:
-                ref = _reference(q, k, v, causal, 1.0 / math.sqrt(d))
+                ref = reference(q, k, v, causal, 1.0 / math.sqrt(d))
                 for impl in args.impls:
                     base = {
                         "direction": "fwd",
@@ -304,12 +325,9 @@ def _driver_version() -> str:
 
 
 def _backward(args, causal_values, t0) -> list[dict]:
-    """Backward rows from :mod:`flashlab.bench.gpu_backward`, if that module is there and time is left."""
-    try:
-        from flashlab.bench.gpu_backward import backward_rows
-    except ImportError:
-        print("no flashlab.bench.gpu_backward: forward rows only")
-        return []
+    """Backward rows from :mod:`flashlab.bench.gpu_backward`, if time is left."""
+    from flashlab.bench.gpu_backward import backward_rows
+
     shapes = [(heads_for(n), n, d) for d in args.d for n in args.bwd_n]
     if not shapes or time.perf_counter() - t0 > args.budget:
         return []

@@ -2,7 +2,7 @@
 
 :func:`backward_rows` times, for each shape, the backward of
 
-- ``flashlab_bwd``: the numba.cuda kernel of :mod:`flashlab.kernels_backward` (pre-pass + main kernel),
+- ``flashlab_bwd``: the numba.cuda kernel of :mod:`flashlab.cuda.backward` (pre-pass + main kernel),
   given ``o`` and ``lse`` as a forward would save them;
 - ``torch_naive_fp32``: autograd through ``softmax(scale Q K^T) V`` written as matmul, softmax, matmul
   (P saved by the forward, ``N^2`` floats per head);
@@ -39,7 +39,7 @@ def _reference(q, k, v, do, causal: bool, scale: float):
         q64, k64, v64 = (x[:, h].double().requires_grad_() for x in (q, k, v))
         s = scale * q64 @ k64.transpose(-1, -2)
         if causal:
-            s = s.masked_fill(forward_bench.causal_mask(s.shape[-1], s.device), -math.inf)
+            s = s.masked_fill(forward_bench.future_mask(s.shape[-1], s.device), -math.inf)
         lse = torch.logsumexp(s, dim=-1)
         o = torch.exp(s - lse[..., None]) @ v64
         grads = torch.autograd.grad(o, (q64, k64, v64), do[:, h].double())
@@ -64,7 +64,7 @@ def _torch_backward(impl: str):
 def _flashlab_backward(q, k, v, do, causal, scale, ref):
     import torch
 
-    from flashlab.gpu_backward import flash_attention_backward
+    from flashlab.cuda import flash_attention_backward
 
     o, lse = (ref[name].to(q.device, torch.float32) for name in ("o", "lse"))  # as a forward saves them
     return lambda: flash_attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale)

@@ -24,7 +24,8 @@ import numpy as np
 from numba import cuda, float32
 
 from flashlab import device, hardware
-from flashlab.kernel_traffic import Counted, simulate
+from flashlab.cuda._numba import simulate
+from flashlab.cuda.traffic import CountingArray
 
 WARP = 32  # threads per warp on every NVIDIA GPU so far
 BANKS = 32  # shared-memory banks, each 4 bytes wide
@@ -72,7 +73,7 @@ class Trace:
         return Recorded(array, name, self)
 
     def shared(self, array: np.ndarray) -> Recorded:
-        """Wraps each shared array the kernel declares (pass as ``simulate(shared_array=...)``)."""
+        """Wraps each shared array the kernel declares (pass as ``simulate(make=...)``)."""
         return Recorded(array, f"shared{next(self._shared)}", self)
 
     def of(self, array: str, op: str | None = None) -> list[Access]:
@@ -80,8 +81,8 @@ class Trace:
         return [a for a in self.accesses if a.array == array and op in (None, a.op)]
 
 
-class Recorded(Counted):
-    """A :class:`flashlab.kernel_traffic.Counted` array that also records each access in a :class:`Trace`."""
+class Recorded(CountingArray):
+    """A :class:`flashlab.cuda.traffic.CountingArray` that also records each access in a :class:`Trace`."""
 
     def __init__(self, array: np.ndarray, name: str, trace: Trace):
         super().__init__(array)
@@ -114,7 +115,7 @@ def trace(kernel, grid, block, **arrays) -> Trace:
     """
     t = Trace()
     args = tuple(t.wrap(name, x) if isinstance(x, np.ndarray) else x for name, x in arrays.items())
-    simulate(kernel, grid, block, args, shared_array=t.shared)
+    simulate(kernel, grid, block, args, make=t.shared)
     return t
 
 
@@ -284,7 +285,8 @@ class TileOwners(NamedTuple):
 def register_tiled_owners(d: int = 16, seed: int = 0, **tiles) -> TileOwners:
     """Run :func:`flashlab.kernels.register_tiled_source` on one tile (``N_q = rows``, ``N_k = keys``)
     over recorded arrays; tiny defaults (16 threads) keep the simulator quick."""
-    from flashlab.kernels import make_kernel, register_layout
+    from flashlab.cuda.forward import register_layout
+    from flashlab.cuda.registry import make_kernel
 
     tiles = {"rows": 8, "keys": 8, "tm": 2, "tn": 2, "g": 4, "unroll": 4} | tiles
     spec = make_kernel("register_tiled", d, False, **tiles)
@@ -300,7 +302,7 @@ def register_tiled_owners(d: int = 16, seed: int = 0, **tiles) -> TileOwners:
         spec.block,
         (*args, rows, keys, np.float32(d**-0.5), 0),
         spec.shared_bytes,
-        shared_array=t.shared,
+        make=t.shared,
     )
     lay = register_layout(d, rows, keys, tiles["g"])
     smem = owner_map(t.of("shared0", "w"), (lay.floats,))  # P is written after K, over K's space

@@ -113,3 +113,130 @@ def check_softmax_backward(softmax_backward) -> None:
         rtol = 1e-5 if dtype == np.float32 else 1e-12
         if not np.allclose(ds, want, rtol=rtol, atol=rtol * max(1.0, float(np.abs(want).max()))):
             raise Mistake(f"{what}: " + _diagnose(ds, want, *wide))
+
+
+# --- the whole step: one (query block, key block) pair ---------------------------------------------
+
+
+def block_pair_backward(q, k, v, do, lse, delta, scale, mask):
+    """One (query block i, key block j) pair of Algorithm 4 (lines 11-22): the pair's contributions
+    ``(dq_i, dk_j, dv_j)``, to be summed over the other blocks.
+
+    ``q, do (B_r, d)``, ``k, v (B_c, d)``, ``lse, delta (B_r,)``: the block's rows of the forward's
+    log-sum-exp and of ``D = rowsum(dO * O)``; ``mask (B_r, B_c)`` bool, True where a query sees a key.
+    """
+    s = np.where(mask, scale * (q @ k.T), -np.inf)  # lines 11-12
+    p = np.exp(s - np.where(np.isfinite(lse), lse, 0.0)[:, None])  # line 13: P from lse, not a softmax
+    dv = p.T @ do  # line 16
+    dp = do @ v.T  # line 17
+    ds = p * (dp - delta[:, None])  # line 20
+    return scale * ds @ k, scale * ds.T @ q, dv  # lines 21, 22, 16
+
+
+BLOCK_CASES = [  # (what, n_q, n_k, block_q, block_k, causal)
+    ("3 x 2 blocks of 4 x 3, no mask", 12, 6, 4, 3, False),
+    ("ragged blocks, N_q = 7, N_k = 10, causal", 7, 10, 3, 4, True),
+    ("causal with N_q = 9 > N_k = 5 (rows that see no key)", 9, 5, 3, 2, True),
+]
+
+
+def _blocked_gradients(fn, q, k, v, do, lse, delta, scale, causal, block_q, block_k):
+    """Sum ``fn``'s contributions over every (query block, key block) pair."""
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    visible = causal_mask(len(q), len(k)) if causal else np.ones((len(q), len(k)), bool)
+    for i0 in range(0, len(q), block_q):
+        for j0 in range(0, len(k), block_k):
+            rows, cols = slice(i0, i0 + block_q), slice(j0, j0 + block_k)
+            args = (q[rows], k[cols], v[cols], do[rows], lse[rows], delta[rows], scale, visible[rows, cols])
+            got = fn(*(np.array(x, copy=True) if isinstance(x, np.ndarray) else x for x in args))
+            for name, g, x in zip(("dq_i", "dk_j", "dv_j"), got, (q[rows], k[cols], v[cols]), strict=True):
+                expect(
+                    np.shape(g) == x.shape,
+                    f"{name} must have shape {x.shape} (this pair: {len(q[rows])} query rows, "
+                    f"{len(k[cols])} keys), got {np.shape(g)}: check which side of P or dS is transposed",
+                )
+            dq[rows] += got[0]
+            dk[cols] += got[1]
+            dv[cols] += got[2]
+    return dq, dk, dv
+
+
+def _tile_softmax(q, k, v, do, lse, delta, scale, mask):
+    s = np.where(mask, scale * (q @ k.T), -np.inf)
+    m = np.max(s, axis=1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+    p = e / np.maximum(e.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+    ds = p * (do @ v.T - delta[:, None])
+    return scale * ds @ k, scale * ds.T @ q, p.T @ do
+
+
+def _no_scale(*args):
+    dq, dk, dv = block_pair_backward(*args)
+    return dq / args[6], dk / args[6], dv
+
+
+def _no_mask(q, k, v, do, lse, delta, scale, mask):
+    return block_pair_backward(q, k, v, do, lse, delta, scale, np.ones_like(mask))
+
+
+def _no_delta(q, k, v, do, lse, delta, scale, mask):
+    return block_pair_backward(q, k, v, do, lse, np.zeros_like(delta), scale, mask)
+
+
+BLOCK_MISTAKES = {  # a likely wrong step -> what to say when the learner's sums match it
+    _tile_softmax: "P was a softmax over this tile's keys: in the backward P = exp(S - lse) with the "
+    "forward's lse, the whole row's log-sum-exp (a tile holds only some of the row's keys)",
+    _no_scale: "dQ_i and dK_j are missing the factor scale: dQ_i = scale dS K_j, dK_j = scale dS^T Q_i "
+    "(S = scale Q K^T, so each gradient through S carries it)",
+    _no_mask: "the causal mask was not applied: where mask is False, S = -inf, so P = 0 there",
+    _no_delta: "D was left out: dS = P * (dP - D) with D the given delta, one number per query row",
+}
+
+
+@exercise(
+    "backward_block_pair",
+    chapter=5,
+    title="one (query block, key block) pair of the backward: dq_i, dk_j, dv_j contributions",
+    solution=block_pair_backward,
+)
+def check_block_pair(fn) -> None:
+    """Sums the learner's contributions over all block pairs and compares with the float64 gradients."""
+    from flashlab.backward import naive_attention_backward
+    from flashlab.tolerance import gamma, unit_roundoff
+
+    rng = np.random.default_rng(11)
+    for what, n_q, n_k, block_q, block_k, causal in BLOCK_CASES:
+        q, do = rng.standard_normal((n_q, 4)), rng.standard_normal((n_q, 4))
+        k, v = rng.standard_normal((n_k, 4)) * 2, rng.standard_normal((n_k, 4))
+        scale = 0.6
+        o, lse = naive_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        delta = row_dot(do, o)
+        with np.errstate(all="ignore"):
+            got = _blocked_gradients(fn, q, k, v, do, lse, delta, scale, causal, block_q, block_k)
+        want = naive_attention_backward(q, k, v, do, causal=causal, scale=scale)
+        tol = 8 * gamma(n_q + n_k, unit_roundoff(np.float64))  # float64 sums of a few terms, any order
+        if all(np.allclose(g, w, rtol=tol, atol=tol) for g, w in zip(got, want, strict=True)):
+            continue
+        expect(
+            all(np.all(np.isfinite(g)) for g in got), f"{what}: not finite: a row that sees no key has P = 0"
+        )
+        for mistake, words in BLOCK_MISTAKES.items():
+            wrong = _blocked_gradients(mistake, q, k, v, do, lse, delta, scale, causal, block_q, block_k)
+            if all(np.allclose(g, x, rtol=tol, atol=tol) for g, x in zip(got, wrong, strict=True)):
+                raise Mistake(f"{what}: {words}")
+        name = next(
+            n
+            for n, g, w in zip(("dq", "dk", "dv"), got, want, strict=True)
+            if not np.allclose(g, w, rtol=tol, atol=tol)
+        )
+        raise Mistake(f"{what}: {name} is wrong. " + _block_hint(name, causal))
+
+
+def _block_hint(name: str, causal: bool) -> str:
+    hints = {
+        "dv": "dV_j = P^T dO_i with P = exp(S - lse), the probabilities of the WHOLE row: a softmax over "
+        "this tile alone normalises by the tile's keys only",
+        "dq": "dQ_i = scale dS K_j with dS = P * (dP - D), dP = dO_i V_j^T; D is the given delta",
+        "dk": "dK_j = scale dS^T Q_i: the same dS as dQ, transposed",
+    }
+    return hints[name] + (" (causal: masked entries of S are -inf, so their P is 0)" if causal else "")

@@ -3,9 +3,9 @@
 The learner writes ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)``: the body
 of the kernel's loop over the keys of one staged K/V tile (score, online-softmax update,
 accumulate). The checker builds the real ``rowwise`` kernel around it
-(:func:`flashlab.kernels.make_kernel` with ``key_step=``), runs it in numba's simulator on cases
+(:func:`flashlab.cuda.registry.make_kernel` with ``key_step=``), runs it in numba's simulator on cases
 that catch the usual mistakes, and compares with :func:`flashlab.naive_attention`. The solution is
-the course's own :func:`flashlab.kernels.rowwise_key_step`.
+the course's own :func:`flashlab.cuda.forward.rowwise_key_step`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 
 from flashlab.attention import naive_attention
 from flashlab.check import Mistake, exercise, expect
-from flashlab.kernel_traffic import simulate
-from flashlab.kernels import make_kernel, rowwise_key_step
+from flashlab.cuda import launch
+from flashlab.cuda.forward import rowwise_key_step
+from flashlab.cuda.registry import make_kernel
 
 D = 16
 TILES = {"rows": 4, "keys": 4}
@@ -26,7 +27,7 @@ TILES = {"rows": 4, "keys": 4}
 
 def run_rowwise(key_step, q, k, v, *, causal=False, scale=None):
     """``rowwise`` with ``key_step`` as its inner loop, in the simulator: ``(o, lse)`` for 2-d q, k, v."""
-    n_q, n_k = q.shape[0], k.shape[0]
+    n_q = q.shape[0]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     spec = make_kernel("rowwise", D, causal, key_step=key_step, **TILES)
     o = np.full((1, n_q, D), np.nan, np.float32)
@@ -35,12 +36,7 @@ def run_rowwise(key_step, q, k, v, *, causal=False, scale=None):
     with warnings.catch_warnings():  # simulated threads: NumPy's errstate would not reach them
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
-            simulate(
-                spec.source,
-                (math.ceil(n_q / spec.rows), 1),
-                spec.block,
-                (q3, k3, v3, o, lse, n_q, n_k, np.float32(scale), n_k - n_q),
-            )
+            launch.run(spec, launch.forward_args({"q": q3, "k": k3, "v": v3}, o, lse, scale))
         except OverflowError:
             raise Mistake(
                 "OverflowError inside the kernel: exp of a large score overflows. Subtract the running "

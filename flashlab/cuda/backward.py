@@ -1,15 +1,15 @@
-"""numba.cuda kernels of the FlashAttention backward pass (float32; launched by :mod:`flashlab.gpu_backward`).
+"""numba.cuda kernels of the FlashAttention backward pass (float32; launched by :mod:`flashlab.cuda.launch`).
 
 Two kernels, as in FlashAttention-2:
 
 1. :func:`preprocess_kernel`, one thread per query row: ``D_i = rowsum(dO_i * O_i)`` (the pre-pass of
    :func:`flashlab.backward.row_dot`) and ``dQ_i = 0`` (Algorithm 4, line 5).
-2. :func:`backward_source` (one compiled kernel per head dim ``d`` and causal flag): **one thread
+2. :func:`backward_source` (one compiled kernel per head dim ``d``, tiles and causal flag): **one thread
    block per K/V block** ``j`` of ``B_c`` keys. The grid is the outer loop of Algorithm 4 (line 6);
    each block walks the Q blocks (line 9) and keeps ``dK_j, dV_j`` on chip (line 8), in registers,
    written once at the end (line 24).
 
-**Register micro-tiles** (the forward's fast kernel, :func:`flashlab.kernels.register_tiled_source`,
+**Register micro-tiles** (the forward's fast kernel, :func:`flashlab.cuda.forward.register_tiled_source`,
 taught the lessons used here). The block has ``(B_c / tk) * g`` threads; thread
 ``(kg, cg) = divmod(tid, g)`` owns
 
@@ -36,7 +36,9 @@ one 8- or 16-byte load. Per Q tile (lines 10-22 of Algorithm 4, with FlashAttent
 
 Three barriers per Q tile. Shared memory (one dynamic array, :func:`backward_layout`) holds ``K_j, V_j``
 for the whole kernel and ``Q_i, dO_i, P^T, dS^T`` of one tile: more than the 48 KiB a kernel may
-declare statically, so the launcher opts in to more (see :mod:`flashlab.gpu_backward`).
+declare statically, so the launcher opts in to more (see :mod:`flashlab.cuda._numba`). The staging,
+``S^T``/``dP^T`` and ``dV``/``dK`` steps are the forward's micro-tile helpers
+(:mod:`flashlab.cuda.microtiles`), with the roles of rows and keys swapped.
 Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index wrap-around test.
 
 **dQ by atomic adds.** ``dQ_i = sum_j scale dS_ij K_j`` sums over *all* K/V blocks, i.e. over thread
@@ -53,20 +55,20 @@ blocks that run at the same time. Two ways to get it:
 The atomics cost no extra FLOPs and keep one kernel. Their price: float addition is not associative
 and the order in which blocks add is not fixed, so dQ can differ between two runs by rounding (in its
 last bits); dK and dV are deterministic.
-
-(This module is imported as part of :mod:`flashlab`, whose import has already chosen GPU or simulator
-before numba is first imported.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import NamedTuple
 
 from numba import cuda, float32, uint64
 
-from flashlab.kernels import HEAD_DIMS, LN2, LOAD_COLUMNS, LOG2E, ZERO
+from flashlab.cuda import microtiles
+from flashlab.cuda.forward import LN2, LOAD_COLUMNS, LOG2E, ZERO
+from flashlab.cuda.spec import KernelSpec, check_divides, python_function
 
 # Tiles per head dim: B_c = keys (per thread block) = tk * R, B_r = rows (per Q tile) = g * tn;
 # blocks: thread blocks an SM should hold at once (the compiler keeps registers to what that allows;
@@ -78,6 +80,14 @@ BACKWARD_TILES = {
     128: {"keys": 64, "rows": 32, "tk": 4, "tn": 2, "g": 16, "unroll": 4, "blocks": 1},
 }
 PREPROCESS_THREADS = 128
+PARAMS = ("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv", "scale", "offset")
+SIGNATURE = (
+    "void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "float32[:, ::1], float32[:, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "float32, int64)"
+)
+PREPROCESS_PARAMS = ("o", "do", "delta", "dq")
+PREPROCESS_SIGNATURE = "void(float32[:, :, ::1], float32[:, :, ::1], float32[:, ::1], float32[:, :, ::1])"
 
 
 class BackwardLayout(NamedTuple):
@@ -114,20 +124,7 @@ def backward_layout(d: int, keys: int, rows: int, g: int) -> BackwardLayout:
     return BackwardLayout(k, v, q, do, p, ds, lse, lse + rows, lse + 2 * rows, stride, p_stride)
 
 
-def threads_per_block(d: int) -> int:
-    """Threads in one thread block of :func:`backward_source`: ``(keys / tk) * g``."""
-    t = BACKWARD_TILES[d]
-    return t["keys"] // t["tk"] * t["g"]
-
-
-def shared_bytes(d: int) -> int:
-    """Dynamic shared memory one thread block of :func:`backward_source` needs, in bytes."""
-    t = BACKWARD_TILES[d]
-    return 4 * backward_layout(d, t["keys"], t["rows"], t["g"]).floats
-
-
-@cuda.jit(fastmath=True)
-def preprocess_kernel(o, do, delta, dq):
+def preprocess(o, do, delta, dq):
     """``delta[b, i] = sum_c dO[b, i, c] O[b, i, c]`` and ``dq[b, i, :] = 0``; grid ``(ceil(N_q / T), B)``.
 
     Shapes: ``o, do (B, N_q, d_v)``, ``delta (B, N_q)``, ``dq (B, N_q, d)``, float32.
@@ -143,27 +140,39 @@ def preprocess_kernel(o, do, delta, dq):
             dq[b, i, c] = 0
 
 
-@cache
-def backward_source(d: int, causal: bool):
-    """The backward kernel's source for head dim ``d`` (tiles of :data:`BACKWARD_TILES`, compile-time).
+def _preprocess_grid(args) -> tuple:
+    return (math.ceil(args["o"].shape[1] / PREPROCESS_THREADS), args["o"].shape[0])
 
-    Launch: grid ``(ceil(N_k / keys), B)``, ``threads_per_block(d)`` threads, ``shared_bytes(d)`` bytes
-    of dynamic shared memory. Arguments: ``q, do, dq (B, N_q, d)``; ``k, v, dk, dv (B, N_k, d)``;
-    ``lse, delta (B, N_q)``, all float32; ``scale`` (float32), ``offset = N_k - N_q`` (bottom-right
-    causal: query i sees key j iff ``j <= i + offset``). ``dq`` must hold zeros (:func:`preprocess_kernel`).
+
+def preprocess_spec(d: int, target: str) -> KernelSpec:
+    """The pre-pass's spec: one thread per query row, :data:`PREPROCESS_THREADS` per block."""
+    return KernelSpec(
+        "backward_preprocess", d, False, preprocess, PREPROCESS_PARAMS, _preprocess_grid,
+        (PREPROCESS_THREADS,), 0, PREPROCESS_SIGNATURE, (), target,
+    )  # fmt: skip
+
+
+@cache
+def backward_source(
+    d: int,
+    causal: bool,
+    keys: int,
+    rows: int,
+    tk: int,
+    tn: int,
+    g: int,
+    unroll: int,
+    device: Callable = python_function,
+):
+    """The backward kernel's source for head dim ``d`` and the given tiles (compile-time constants).
+
+    Launch: grid ``(ceil(N_k / keys), B)``, ``(keys / tk) * g`` threads, ``backward_layout(...).floats``
+    floats of dynamic shared memory (:func:`backward_spec` says both). Arguments: ``q, do, dq (B, N_q, d)``;
+    ``k, v, dk, dv (B, N_k, d)``; ``lse, delta (B, N_q)``, all float32; ``scale`` (float32),
+    ``offset = N_k - N_q`` (bottom-right causal: query i sees key j iff ``j <= i + offset``).
+    ``dq`` must hold zeros (:func:`preprocess`).
     """
-    if d not in BACKWARD_TILES:
-        raise ValueError(f"d must be one of {HEAD_DIMS} for the backward kernel, got {d}")
-    tiles = BACKWARD_TILES[d]
-    D, BC, BR, TK, TN, G, UN = (
-        d,
-        tiles["keys"],
-        tiles["rows"],
-        tiles["tk"],
-        tiles["tn"],
-        tiles["g"],
-        tiles["unroll"],
-    )
+    D, BC, BR, TK, TN, G, UN = d, keys, rows, tk, tn, g, unroll
     R = BC // TK  # key groups
     T = R * G  # threads per block
     TD = D // G  # dK, dV columns per thread
@@ -173,67 +182,10 @@ def backward_source(d: int, causal: bool):
     TQ = BR * QC // T  # dQ rows per thread
     LC, CAUSAL = min(LOAD_COLUMNS, D), causal
     KB, VB, QB, OB, PB, SB, LB, DB, _, ST, PS = backward_layout(D, BC, BR, G)  # offsets, strides
-
-    @cuda.jit(device=True)
-    def stage(smem, dst_a, dst_b, src_a, src_b, b, row0, n, rows, mul_a, tid):
-        """Rows ``row0 .. row0 + rows - 1`` of ``src_a[b]`` (times ``mul_a``) and ``src_b[b]`` to shared
-        memory at ``dst_a``, ``dst_b`` (row stride ``d + 4``); rows at or past ``n`` as zeros. Each thread
-        copies ``LC`` adjacent columns per step, all its loads issued before its stores."""
-        ra = cuda.local.array(LC, float32)
-        rb = cuda.local.array(LC, float32)
-        for e in range(tid, rows * (D // LC), T):
-            r = e // (D // LC)
-            c = e % (D // LC) * LC
-            if row0 + r < n:
-                for u in range(LC):
-                    ra[u] = src_a[b, row0 + r, c + u] * mul_a
-                    rb[u] = src_b[b, row0 + r, c + u]
-            else:
-                for u in range(LC):
-                    ra[u] = ZERO
-                    rb[u] = ZERO
-            for u in range(LC):
-                smem[uint64(dst_a + r * ST + c + u)] = ra[u]
-                smem[uint64(dst_b + r * ST + c + u)] = rb[u]
-
-    @cuda.jit(device=True)
-    def row_products(smem, out, left, right, kg, cg):
-        """``out[a, b] = sum_c L[kg + R*a, c] * X[cg + G*b, c]``: a ``tk x tn`` micro-tile of ``L X^T``,
-        ``L`` the key-major tile at ``left`` (K_j or V_j), ``X`` the row-major tile at ``right``."""
-        lf = cuda.local.array((TK, UN), float32)
-        xf = cuda.local.array((TN, UN), float32)
-        for a in range(TK):
-            for b in range(TN):
-                out[a, b] = ZERO
-        for c0 in range(0, D, UN):
-            for a in range(TK):
-                for u in range(UN):
-                    lf[a, u] = smem[uint64(left + (kg + R * a) * ST + c0 + u)]
-            for b in range(TN):
-                for u in range(UN):
-                    xf[b, u] = smem[uint64(right + (cg + G * b) * ST + c0 + u)]
-            for u in range(UN):
-                for a in range(TK):
-                    for b in range(TN):
-                        out[a, b] += lf[a, u] * xf[b, u]
-
-    @cuda.jit(device=True)
-    def accumulate(smem, acc, left, right, kg, cg):
-        """``acc[a, b] += sum_r L[kg + R*a, r] * X[r, col(b)]``: the thread's part of ``L X`` for a
-        key-major ``L`` at ``left`` (P^T or dS^T) and a row-major ``X`` at ``right`` (dO_i or Q_i)."""
-        lf = cuda.local.array((TK, UN), float32)
-        xf = cuda.local.array((UN, TD), float32)
-        for r0 in range(0, BR, UN):
-            for a in range(TK):
-                for u in range(UN):
-                    lf[a, u] = smem[uint64(left + (kg + R * a) * PS + r0 + u)]
-            for u in range(UN):
-                for b in range(TD):
-                    xf[u, b] = smem[uint64(right + (r0 + u) * ST + b // W * W * G + cg * W + b % W)]
-            for u in range(UN):
-                for a in range(TK):
-                    for b in range(TD):
-                        acc[a, b] += lf[a, u] * xf[u, b]
+    stage_keys = device(microtiles.stage(BC, D, LC, T))
+    stage_rows = device(microtiles.stage(BR, D, LC, T))
+    product = device(microtiles.product(TK, TN, R, G, D, UN))
+    accumulate = device(microtiles.accumulate(TK, TD, R, G, BR, UN))
 
     def backward(q, k, v, do, lse, delta, dq, dk, dv, scale, offset):
         smem = cuda.shared.array(0, float32)
@@ -244,6 +196,11 @@ def backward_source(d: int, causal: bool):
         dq_acc = cuda.local.array((TQ, TQD), float32)
         dsf = cuda.local.array(TQ, float32)
         kf = cuda.local.array(TQD, float32)
+        lf = cuda.local.array((TK, UN), float32)
+        xf = cuda.local.array((TN, UN), float32)
+        yf = cuda.local.array((UN, TD), float32)
+        ra = cuda.local.array(LC, float32)
+        rb = cuda.local.array(LC, float32)
         b = cuda.blockIdx.y
         j0 = cuda.blockIdx.x * BC
         tid = cuda.threadIdx.x
@@ -254,7 +211,7 @@ def backward_source(d: int, causal: bool):
         n_q, n_k = q.shape[1], k.shape[1]
         scale2 = scale * LOG2E
 
-        stage(smem, KB, VB, k, v, b, j0, n_k, BC, float32(1), tid)  # line 7: load K_j, V_j
+        stage_keys(smem, KB, ST, VB, ST, k, v, b, j0, n_k, float32(1), ra, rb, tid)  # line 7: K_j, V_j
         for a in range(TK):  # line 8: dK_j = dV_j = 0, in registers
             for c in range(TD):
                 dk_acc[a, c] = ZERO
@@ -264,14 +221,14 @@ def backward_source(d: int, causal: bool):
             first_row = max(0, j0 - offset) // BR * BR
         for i0 in range(first_row, n_q, BR):  # line 9
             # Line 10: load Q_i (pre-scaled), dO_i, lse_i (base 2), D_i. dQ_i is updated by atomics.
-            stage(smem, QB, OB, q, do, b, i0, n_q, BR, scale2, tid)
+            stage_rows(smem, QB, ST, OB, ST, q, do, b, i0, n_q, scale2, ra, rb, tid)
             for r in range(tid, BR, T):
                 inside = i0 + r < n_q
                 smem[uint64(LB + r)] = lse[b, i0 + r] * LOG2E if inside else ZERO
                 smem[uint64(DB + r)] = delta[b, i0 + r] if inside else ZERO
             cuda.syncthreads()
-            row_products(smem, s, KB, QB, kg, cg)  # line 11: S^T = K_j Q_i^T (scaled, base 2)
-            row_products(smem, dp, VB, OB, kg, cg)  # line 17: dP^T = V_j dO_i^T
+            product(smem, s, lf, xf, KB, ST, QB, ST, kg, cg)  # line 11: S^T = K_j Q_i^T (scaled, base 2)
+            product(smem, dp, lf, xf, VB, ST, OB, ST, kg, cg)  # line 17: dP^T = V_j dO_i^T
             edge = j0 + BC > n_k or i0 + BR > n_q or (CAUSAL and j0 + BC - 1 > i0 + offset)
             for a in range(TK):
                 j = j0 + kg + R * a
@@ -283,8 +240,8 @@ def backward_source(d: int, causal: bool):
                     smem[uint64(PB + (kg + R * a) * PS + r)] = p
                     smem[uint64(SB + (kg + R * a) * PS + r)] = p * (dp[a, t] - smem[uint64(DB + r)])
             cuda.syncthreads()  # line 20 done: dS = P (dP - D), all of it in shared memory
-            accumulate(smem, dv_acc, PB, OB, kg, cg)  # line 16: dV_j += P^T dO_i
-            accumulate(smem, dk_acc, SB, QB, kg, cg)  # line 22: dK_j += dS^T Q_i (scaled, base 2)
+            accumulate(smem, dv_acc, lf, yf, PB, PS, OB, ST, kg, cg)  # line 16: dV_j += P^T dO_i
+            accumulate(smem, dk_acc, lf, yf, SB, PS, QB, ST, kg, cg)  # line 22: dK_j += dS^T Q_i
             # Line 21: dQ_i += scale dS K_j: the thread's TQ x TQD elements, one atomic add each.
             for a in range(TQ):
                 for c in range(TQD):
@@ -314,3 +271,41 @@ def backward_source(d: int, causal: bool):
                     dv[b, j, col] = dv_acc[a, c]
 
     return backward
+
+
+def key_grid(keys: int):
+    """The backward grid: thread block ``(x, y)`` owns keys ``x*keys ...`` of head ``y``."""
+
+    def grid(args) -> tuple:
+        return (math.ceil(args["k"].shape[1] / keys), args["q"].shape[0])
+
+    return grid
+
+
+def backward_spec(d: int, causal: bool, t: dict, device: Callable, target: str) -> KernelSpec:
+    """The backward kernel's spec; tiles ``keys`` (B_c per thread block) = tk * R, ``rows`` (B_r per Q
+    tile) = g * tn, ``unroll`` dividing d and rows, ``blocks``: thread blocks per SM the compiler keeps
+    registers for (launch bounds). Threads ``T = (keys / tk) * g``; the dQ step needs ``min(32, d)``
+    to divide T and T / min(32, d) to divide rows."""
+    keys, rows, tk, tn, g, unroll = (t[x] for x in ("keys", "rows", "tk", "tn", "g", "unroll"))
+    check_divides("backward", keys, "keys", tk, "tk")
+    check_divides("backward", d, "d", g, "g")
+    check_divides("backward", d, "d", unroll, "unroll")
+    check_divides("backward", rows, "rows", unroll, "unroll")
+    if rows != g * tn:
+        raise ValueError(f"backward: rows={rows} must equal g*tn={g * tn}")
+    threads = keys // tk * g
+    if threads > 1024:
+        raise ValueError(f"backward: (keys/tk)*g = {threads} threads > 1024 per block")
+    qc = min(32, d)
+    if threads % qc or rows % (threads // qc):
+        raise ValueError(
+            f"backward: the dQ step needs min(32, d)={qc} to divide the {threads} threads "
+            f"((keys/tk)*g) and {threads}/{qc} to divide rows={rows}"
+        )
+    src = backward_source(d, causal, keys, rows, tk, tn, g, unroll, device)
+    shared = 4 * backward_layout(d, keys, rows, g).floats
+    return KernelSpec(
+        "backward", d, causal, src, PARAMS, key_grid(keys), (threads,), shared, SIGNATURE,
+        tuple(t.items()), target, (threads, t["blocks"]),
+    )  # fmt: skip

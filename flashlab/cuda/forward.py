@@ -1,9 +1,11 @@
 """numba.cuda FlashAttention forward kernels, from the simplest to the fast one.
 
 Every kernel here is the *source* of a CUDA kernel: a plain Python function that
-:func:`flashlab.gpu.flash_attention` hands to ``numba.cuda.jit`` (a real GPU, or numba's CUDA
-simulator), and that :mod:`flashlab.kernel_traffic` runs in the simulator over counting arrays.
-The same source runs in all three places.
+:func:`flashlab.cuda.flash_attention` hands to ``numba.cuda.jit`` on a GPU, runs in numba's CUDA
+simulator otherwise, and that :mod:`flashlab.cuda.traffic` runs in the simulator over counting
+arrays. The same source runs in all three places. Each ``*_spec`` function is the registry's
+factory for one kernel (:mod:`flashlab.cuda.registry`): it checks the tiles and returns the
+:class:`~flashlab.cuda.spec.KernelSpec` that says how to launch it.
 
 All kernels take the same arguments, float32, leading (batch, head) dims flattened into one:
 
@@ -36,35 +38,23 @@ from functools import cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda, float32, int64, uint64
 
-from flashlab.inputs import check_block
+from flashlab.cuda import microtiles
+from flashlab.cuda.spec import STATIC_SHARED_LIMIT, KernelSpec, check_divides, python_function
 
 HEAD_DIMS = (16, 32, 64, 128)
-KERNELS = ("rowwise", "tiled", "register_tiled")
+PARAMS = ("q", "k", "v", "o", "lse", "n_q", "n_k", "scale", "offset")
+SIGNATURE = (
+    "void(float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "float32[:, ::1], int64, int64, float32, int64)"
+)
 
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 NEG_INF = np.float32(-np.inf)
 LOG2E = np.float32(math.log2(math.e))  # exp(x) = exp2(x * log2(e))
 LN2 = np.float32(math.log(2.0))
-
-
-class KernelSpec(NamedTuple):
-    """One compiled-to-be kernel: its source and how to launch it.
-
-    Launch with ``grid = (ceil(N_q / rows), BH)``, ``block`` threads per block and
-    ``shared_bytes`` bytes of dynamic shared memory (0: the kernel declares static arrays).
-    """
-
-    name: str
-    d: int
-    causal: bool
-    source: Callable
-    rows: int
-    block: tuple
-    shared_bytes: int
-    tiles: tuple  # ((name, value), ...): the tile sizes this kernel was built with
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,13 +83,21 @@ def rowwise_key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc):  # noqa: E741
 
 
 @cache
-def rowwise_source(d: int, rows: int, keys: int, causal: bool, key_step: Callable = rowwise_key_step):
+def rowwise_source(
+    d: int,
+    rows: int,
+    keys: int,
+    causal: bool,
+    key_step: Callable = rowwise_key_step,
+    device: Callable = python_function,
+):
     """Kernel 1: ``rows`` threads per block, one query row each; K/V staged ``keys`` rows at a time.
 
-    ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)`` is the inner loop's body
-    (on a GPU it must be a ``cuda.jit(device=True)`` function; in the simulator any Python function).
+    ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)`` is the inner loop's body,
+    passed through ``device`` (``cuda.jit(device=True)`` on a GPU; any Python function in the simulator).
     """
     D, BR, BC = d, rows, keys
+    key_step = device(key_step)
 
     def rowwise(q, k, v, o, lse, n_q, n_k, scale, offset):
         bh = cuda.blockIdx.y
@@ -273,11 +271,22 @@ def register_layout(d: int, rows: int, keys: int, g: int) -> RegisterLayout:
 
 
 LOAD_COLUMNS = 8  # adjacent K/V columns a thread copies per step: 16 global loads in flight, then 16 stores
+INDEX_TYPES = {"unsigned": uint64, "signed": int64}  # register_tiled's shared-memory index type
 
 
 @cache
 def register_tiled_source(
-    d: int, rows: int, keys: int, tm: int, tn: int, g: int, causal: bool, unroll: int = 1
+    d: int,
+    rows: int,
+    keys: int,
+    tm: int,
+    tn: int,
+    g: int,
+    causal: bool,
+    unroll: int = 1,
+    device: Callable = python_function,
+    load_columns: int = 8,
+    index=uint64,
 ):
     """Kernel 3: ``(rows / tm) * g`` threads; thread ``(rg, cg) = divmod(tid, g)`` owns
 
@@ -286,21 +295,23 @@ def register_tiled_source(
       adjacent columns, ``cg*w + (b % w)`` in each stretch of ``w*g`` columns,
     in registers. The ``g`` threads of a row read one K (or V) row each at the same time: with the
     paddings of :class:`RegisterLayout`, on distinct banks.
-    Per K/V tile: S = Q K^T from shared memory, ``unroll`` steps of the dot product at a time:
-    the ``unroll`` adjacent values of each Q row and K row a thread needs are read by one
-    8- or 16-byte load, and each feeds tn (Q) or tm (K) multiply-adds. Q was scaled by
-    ``scale * log2(e)`` once, when loaded, so that ``exp2`` is the exponential. Then: mask (only in
-    tiles that cross the diagonal or the end of K), row max across the row's ``g`` threads through
-    shared memory, ``alpha``-rescale of O and l, P to shared memory, O += P V, ``unroll`` keys
-    at a time in the same way. Row sums are combined across threads only once, at the end (each
-    thread keeps its columns' partial l).
-    Shared-memory indices are unsigned (``uint64``): numba then skips the negative-index
-    wrap-around test it emits for signed indices (that test cost ~2x in speed, see the notebook).
+    Per K/V tile: S = Q K^T from shared memory (:func:`flashlab.cuda.microtiles.product`),
+    ``unroll`` steps of the dot product at a time: the ``unroll`` adjacent values of each Q row and
+    K row a thread needs are read by one 8- or 16-byte load, and each feeds tn (Q) or tm (K)
+    multiply-adds. Q was scaled by ``scale * log2(e)`` once, when loaded, so that ``exp2`` is the
+    exponential. Then: mask (only in tiles that cross the diagonal or the end of K), row max across
+    the row's ``g`` threads through shared memory, ``alpha``-rescale of O and l, P to shared memory,
+    O += P V (:func:`~flashlab.cuda.microtiles.accumulate`), ``unroll`` keys at a time in the same
+    way. Row sums are combined across threads only once, at the end (each thread keeps its columns'
+    partial l).
     K/V tiles are single-buffered: numba has no asynchronous global-to-shared copy (``cp.async``),
     so a second buffer could only remove one of the four barriers per tile, not hide the loads;
-    each thread issues :data:`LOAD_COLUMNS` loads of K and of V before it stores any of them.
+    each thread issues ``load_columns`` loads of K and of V before it stores any of them
+    (:func:`~flashlab.cuda.microtiles.stage`). Shared-memory indices are cast to ``index``: ``uint64``
+    (numba then skips the negative-index wrap-around test it emits for signed indices), or ``int64``
+    to measure what that test costs (``python -m flashlab.bench kernels``).
     """
-    D, BR, BC, TM, TN, G, UN, LC = d, rows, keys, tm, tn, g, unroll, LOAD_COLUMNS
+    D, BR, BC, TM, TN, G, UN, LC, IDX = d, rows, keys, tm, tn, g, unroll, load_columns, index
     R = BR // TM  # row groups
     TD = D // G  # O columns per thread
     W = min(4, TD)  # O columns a thread owns side by side
@@ -309,6 +320,9 @@ def register_tiled_source(
     KB, PB, VB, RB = lay.k, lay.p, lay.v, lay.red  # tile offsets (Q at 0)
     QS, KS, PST = lay.q_stride, lay.k_stride, lay.p_stride
     CAUSAL = causal
+    stage = device(microtiles.stage(BC, D, LC, T, IDX))
+    product = device(microtiles.product(TM, TN, R, G, D, UN, IDX))
+    accumulate = device(microtiles.accumulate(TM, TD, R, G, BC, UN, IDX))
 
     def register_tiled(q, k, v, o, lse, n_q, n_k, scale, offset):
         smem = cuda.shared.array(0, float32)
@@ -332,42 +346,16 @@ def register_tiled_source(
         for e in range(tid, BR * D, T):  # Q tile, loaded once (if any key is visible), pre-scaled
             r = e // D
             c = e % D
-            smem[uint64(r * QS + c)] = q[bh, r0 + r, c] * scale2 if r0 + r < n_q and n_keys > 0 else ZERO
+            smem[IDX(r * QS + c)] = q[bh, r0 + r, c] * scale2 if r0 + r < n_q and n_keys > 0 else ZERO
         for a in range(TM):
             m_i[a] = NEG_INF
             l_i[a] = ZERO
             for b in range(TD):
                 acc[a, b] = ZERO
         for j0 in range(0, n_keys, BC):
-            for e in range(tid, BC * D // LC, T):  # K and V tiles, LC adjacent columns per step
-                jj = e // (D // LC)
-                c = e % (D // LC) * LC
-                if j0 + jj < n_k:
-                    for u in range(LC):  # all loads first: they wait for memory together
-                        kr[u] = k[bh, j0 + jj, c + u]
-                        vr[u] = v[bh, j0 + jj, c + u]
-                else:
-                    for u in range(LC):
-                        kr[u] = ZERO
-                        vr[u] = ZERO
-                for u in range(LC):
-                    smem[uint64(KB + jj * KS + c + u)] = kr[u]
-                    smem[uint64(VB + jj * D + c + u)] = vr[u]
+            stage(smem, KB, KS, VB, D, k, v, bh, j0, n_k, ONE, kr, vr, tid)  # K and V tiles
             cuda.syncthreads()
-            for a in range(TM):
-                for b in range(TN):
-                    s[a, b] = ZERO
-            for c0 in range(0, D, UN):  # S micro-tile = Q K^T: unroll adjacent values per load
-                for a in range(TM):
-                    for u in range(UN):
-                        qf[a, u] = smem[uint64((rg + R * a) * QS + c0 + u)]
-                for b in range(TN):
-                    for u in range(UN):
-                        kf[b, u] = smem[uint64(KB + (cg + G * b) * KS + c0 + u)]
-                for u in range(UN):
-                    for a in range(TM):
-                        for b in range(TN):
-                            s[a, b] += qf[a, u] * kf[b, u]
+            product(smem, s, qf, kf, 0, QS, KB, KS, rg, cg)  # S micro-tile = Q K^T
             edge = j0 + BC > n_k or (CAUSAL and j0 + BC - 1 > r0 + offset)  # tile needs masking
             for a in range(TM):
                 i = r0 + rg + R * a
@@ -378,13 +366,13 @@ def register_tiled_source(
                         if j >= n_k or (CAUSAL and j > i + offset):
                             s[a, b] = NEG_INF
                     mx = max(mx, s[a, b])
-                smem[uint64(RB + (rg + R * a) * G + cg)] = mx
+                smem[IDX(RB + (rg + R * a) * G + cg)] = mx
             cuda.syncthreads()  # partial maxima written; K no longer read (P may overwrite it)
             for a in range(TM):
                 r = rg + R * a
                 mx = m_i[a]
                 for h in range(G):
-                    mx = max(mx, smem[uint64(RB + r * G + h)])
+                    mx = max(mx, smem[IDX(RB + r * G + h)])
                 m_use = ZERO if mx == NEG_INF else mx  # a fully masked row stays 0, never nan
                 alpha = math.exp2(m_i[a] - m_use)
                 m_i[a] = mx
@@ -394,22 +382,12 @@ def register_tiled_source(
                 for b in range(TN):
                     p = math.exp2(s[a, b] - m_use)
                     l_i[a] += p
-                    smem[uint64(PB + r * PST + cg + G * b)] = p
+                    smem[IDX(PB + r * PST + cg + G * b)] = p
             cuda.syncthreads()
-            for j1 in range(0, BC, UN):  # O micro-tile += P V, unroll keys per load
-                for a in range(TM):
-                    for u in range(UN):
-                        qf[a, u] = smem[uint64(PB + (rg + R * a) * PST + j1 + u)]
-                for u in range(UN):
-                    for b in range(TD):
-                        vf[u, b] = smem[uint64(VB + (j1 + u) * D + b // W * W * G + cg * W + b % W)]
-                for u in range(UN):
-                    for a in range(TM):
-                        for b in range(TD):
-                            acc[a, b] += qf[a, u] * vf[u, b]
+            accumulate(smem, acc, qf, vf, PB, PST, VB, D, rg, cg)  # O micro-tile += P V
             cuda.syncthreads()
         for a in range(TM):  # the row sum l: add the g partial sums of each row
-            smem[uint64(RB + (rg + R * a) * G + cg)] = l_i[a]
+            smem[IDX(RB + (rg + R * a) * G + cg)] = l_i[a]
         cuda.syncthreads()
         for a in range(TM):
             r = rg + R * a
@@ -417,7 +395,7 @@ def register_tiled_source(
             if i < n_q:
                 l = ZERO  # noqa: E741
                 for h in range(G):
-                    l += smem[uint64(RB + r * G + h)]  # noqa: E741
+                    l += smem[IDX(RB + r * G + h)]  # noqa: E741
                 inv = ONE / l if l > ZERO else ZERO
                 for b in range(TD):
                     o[bh, i, b // W * W * G + cg * W + b % W] = acc[a, b] * inv
@@ -431,68 +409,72 @@ def register_tiled_source(
 # choosing tile sizes and building a KernelSpec
 # --------------------------------------------------------------------------------------------------
 
-DEFAULT_TILES = {
-    "rowwise": {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS},
-    "tiled": {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS},
-    "register_tiled": {
-        16: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-        32: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-        64: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4},
-        128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4},
-    },
+ROWWISE_TILES = {d: {"rows": 128, "keys": 32} for d in HEAD_DIMS}
+TILED_TILES = {d: {"rows": 16, "keys": 16} for d in HEAD_DIMS}
+REGISTER_TILED_TILES = {
+    16: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    32: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    64: {"rows": 128, "keys": 64, "tm": 4, "tn": 8, "g": 8, "unroll": 4, "load_columns": 8},
+    128: {"rows": 128, "keys": 64, "tm": 8, "tn": 4, "g": 16, "unroll": 4, "load_columns": 8},
 }
 
-STATIC_SHARED_LIMIT = 48 * 1024  # bytes of static shared memory a CUDA kernel may declare
+
+def query_grid(rows: int):
+    """The forward grid: thread block ``(x, y)`` owns query rows ``x*rows ...`` of head ``y``."""
+
+    def grid(args) -> tuple:
+        return (math.ceil(args["n_q"] / rows), args["q"].shape[0])
+
+    return grid
 
 
-def _check_divides(what: str, big: int, big_name: str, small: int, small_name: str) -> None:
-    if big % small:
-        raise ValueError(f"{what}: {small_name}={small} must divide {big_name}={big}")
+def _spec(name, d, causal, source, t, block, shared_bytes, target) -> KernelSpec:
+    return KernelSpec(
+        name, d, causal, source, PARAMS, query_grid(t["rows"]), block, shared_bytes, SIGNATURE,
+        tuple(t.items()), target,
+    )  # fmt: skip
 
 
-def make_kernel(name: str, d: int, causal: bool = False, *, key_step: Callable | None = None, **tiles):
-    """The :class:`KernelSpec` of kernel ``name`` for head dim ``d`` (tiles default per d).
+def rowwise_spec(d: int, causal: bool, t: dict, device: Callable, target: str, key_step=None) -> KernelSpec:
+    """Kernel 1's spec; tiles ``rows`` (threads, one query row each) and ``keys`` (K/V rows staged)."""
+    if 2 * t["keys"] * d * 4 > STATIC_SHARED_LIMIT:
+        raise ValueError(f"rowwise: keys={t['keys']} with d={d} needs more than 48 KiB of shared memory")
+    src = rowwise_source(d, t["rows"], t["keys"], causal, key_step or rowwise_key_step, device)
+    return _spec("rowwise", d, causal, src, t, (t["rows"],), 0, target)
 
-    ``tiles``: ``rows``/``keys`` for rowwise and tiled; ``rows``, ``keys``, ``tm``, ``tn``, ``g``
-    for register_tiled (rows = tm * R, keys = g * tn, d divisible by g) and ``unroll`` (dividing
-    d and keys). ``key_step`` replaces
-    rowwise's inner-loop body (the chapter's exercise; the simulator runs any Python function).
-    """
-    if name not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {name!r}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim d={d} is not supported by the kernels; supported: {HEAD_DIMS}")
-    known = DEFAULT_TILES[name][d]
-    unknown = set(tiles) - set(known)
-    if unknown:
-        raise ValueError(f"unknown tile parameter(s) {sorted(unknown)} for {name}; known: {sorted(known)}")
-    t = {key: check_block(key, tiles.get(key, value)) for key, value in known.items()}
-    causal = bool(causal)
-    if name == "rowwise":
-        if 2 * t["keys"] * d * 4 > STATIC_SHARED_LIMIT:
-            raise ValueError(f"rowwise: keys={t['keys']} with d={d} needs more than 48 KiB of shared memory")
-        src = rowwise_source(d, t["rows"], t["keys"], causal, key_step or rowwise_key_step)
-        return KernelSpec(name, d, causal, src, t["rows"], (t["rows"],), 0, tuple(t.items()))
-    if key_step is not None:
-        raise ValueError("key_step replaces the inner loop of the rowwise kernel only")
-    if name == "tiled":
-        if t["rows"] * t["keys"] > 1024:
-            raise ValueError(f"tiled: rows*keys={t['rows'] * t['keys']} threads > 1024 per block")
-        floats = (2 * t["rows"] + 2 * t["keys"]) * d + t["rows"] * t["keys"] + 3 * t["rows"]
-        if 4 * floats > STATIC_SHARED_LIMIT:
-            raise ValueError(f"tiled: tiles rows={t['rows']}, keys={t['keys']} need > 48 KiB shared memory")
-        src = tiled_source(d, t["rows"], t["keys"], causal)
-        return KernelSpec(name, d, causal, src, t["rows"], (t["keys"], t["rows"]), 0, tuple(t.items()))
-    rows, keys, tm, tn, g, unroll = t["rows"], t["keys"], t["tm"], t["tn"], t["g"], t["unroll"]
-    _check_divides("register_tiled", rows, "rows", tm, "tm")
-    _check_divides("register_tiled", d, "d", g, "g")
-    _check_divides("register_tiled", d, "d", unroll, "unroll")
-    _check_divides("register_tiled", keys, "keys", unroll, "unroll")
+
+def tiled_spec(d: int, causal: bool, t: dict, device: Callable, target: str) -> KernelSpec:
+    """Kernel 2's spec; tiles ``rows`` x ``keys`` threads (one score each)."""
+    if t["rows"] * t["keys"] > 1024:
+        raise ValueError(f"tiled: rows*keys={t['rows'] * t['keys']} threads > 1024 per block")
+    floats = (2 * t["rows"] + 2 * t["keys"]) * d + t["rows"] * t["keys"] + 3 * t["rows"]
+    if 4 * floats > STATIC_SHARED_LIMIT:
+        raise ValueError(f"tiled: tiles rows={t['rows']}, keys={t['keys']} need > 48 KiB shared memory")
+    src = tiled_source(d, t["rows"], t["keys"], causal)
+    return _spec("tiled", d, causal, src, t, (t["keys"], t["rows"]), 0, target)
+
+
+def register_tiled_spec(
+    d: int, causal: bool, t: dict, device: Callable, target: str, index: str = "unsigned"
+) -> KernelSpec:
+    """Kernel 3's spec; tiles ``rows, keys, tm, tn, g, unroll, load_columns``: rows = tm * R,
+    keys = g * tn, g divides d, unroll divides d and keys, load_columns divides d,
+    (rows / tm) * g <= 1024 threads. ``index``: ``"unsigned"`` or ``"signed"`` shared-memory indices."""
+    rows, keys, tm, tn, g, unroll = (t[x] for x in ("rows", "keys", "tm", "tn", "g", "unroll"))
+    if index not in INDEX_TYPES:
+        raise ValueError(f"register_tiled: index must be one of {', '.join(INDEX_TYPES)}, got {index!r}")
+    check_divides("register_tiled", d, "d", t["load_columns"], "load_columns")
+    check_divides("register_tiled", rows, "rows", tm, "tm")
+    check_divides("register_tiled", d, "d", g, "g")
+    check_divides("register_tiled", d, "d", unroll, "unroll")
+    check_divides("register_tiled", keys, "keys", unroll, "unroll")
     if keys != g * tn:
         raise ValueError(f"register_tiled: keys={keys} must equal g*tn={g * tn}")
     threads = rows // tm * g
     if threads > 1024:
         raise ValueError(f"register_tiled: (rows/tm)*g = {threads} threads > 1024 per block")
-    src = register_tiled_source(d, rows, keys, tm, tn, g, causal, unroll)
+    src = register_tiled_source(
+        d, rows, keys, tm, tn, g, causal, unroll, device, t["load_columns"], INDEX_TYPES[index]
+    )
     shared = 4 * register_layout(d, rows, keys, g).floats
-    return KernelSpec(name, d, causal, src, rows, (threads,), shared, tuple(t.items()))
+    return _spec("register_tiled", d, causal, src, t, (threads,), shared, target)
