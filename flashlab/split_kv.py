@@ -41,19 +41,20 @@ class SplitStep(NamedTuple):
     state: State
 
 
-def auto_splits(n_k: int, blocks: int, *, sm_count: int | None = None) -> int:
-    """How many splits fill the GPU: ``ceil(sm_count / blocks)``, at most ``ceil(N_k / 256)``.
+def auto_splits(n_k: int, blocks: int, *, sm_count: int | None = None, blocks_per_sm: int = 1) -> int:
+    """Splits that fill the GPU: ``ceil(sm_count * blocks_per_sm / blocks)``, at most ``ceil(N_k / 256)``.
 
     ``blocks``: thread blocks the grid has without splitting (one per batch x head x query block);
-    ``sm_count`` defaults to the H200's (``data/hardware.json``). One block per SM is the least
-    that keeps every SM busy, so the rule asks for that many blocks in all; a chunk shorter than
-    :data:`MIN_KEYS_PER_SPLIT` keys would cost more in partial states than it saves.
+    ``sm_count`` defaults to the H200's (``data/hardware.json``); ``blocks_per_sm``: how many blocks
+    an SM runs at once (1: the least that keeps every SM busy; a kernel with small blocks wants
+    more, to have enough loads in flight). A chunk shorter than :data:`MIN_KEYS_PER_SPLIT` keys
+    would cost more in partial states than it saves.
     """
     for name, value in (("n_k", n_k), ("blocks", blocks)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     sms = spec("H200")["sm_count"] if sm_count is None else sm_count
-    want = math.ceil(sms / max(blocks, 1))
+    want = math.ceil(sms * blocks_per_sm / max(blocks, 1))
     return max(1, min(want, math.ceil(n_k / MIN_KEYS_PER_SPLIT)))
 
 
