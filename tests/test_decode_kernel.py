@@ -1,5 +1,8 @@
 """The split-KV decoding kernels (numba.cuda), in the simulator at tiny sizes and on a GPU if present."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -89,3 +92,17 @@ def test_gpu_long_cache_auto_splits(kv_dtype, d):
     q, k, v = inputs((2, 4), 2, 20000, d, kv_dtype, seed=4)
     o, lse = decode_attention(q, k, v, causal=True, return_lse=True)
     check(q, k, v, True, o, lse)
+
+
+def test_benchmark_command_runs_at_a_tiny_size(tmp_path):
+    from flashlab.bench.__main__ import main
+
+    argv = ["decode", "--kv", "40", "--batch", "1", "--d", "64", "--heads", "1", "--kv-dtype", "float16"]
+    argv += ["--impls", "flashlab_decode,sdpa_math", "--repeat", "1", "--warmup", "0", "--dir", str(tmp_path)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "gpu_h200_decode.csv").open()))
+    assert [r["impl"] for r in rows] == ["flashlab_decode", "sdpa_math"]
+    assert all(float(r["max_abs_err"]) <= float(r["err_bound"]) for r in rows)
+    assert int(rows[0]["kv_bytes"]) == 2 * 40 * 64 * 2
+    meta = json.loads((tmp_path / "gpu_h200_decode.provenance.json").read_text())
+    assert meta["command"].startswith("python -m flashlab.bench") and meta["heads"] == 1

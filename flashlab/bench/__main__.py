@@ -7,6 +7,7 @@ TARGETS = {
     "cpu": "flashlab.bench.cpu",
     "gpu": "flashlab.bench.gpu",
     "memory": "flashlab.bench.memory",
+    "decode": "flashlab.bench.decode",
 }
 
 
