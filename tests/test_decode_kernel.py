@@ -72,7 +72,7 @@ def test_counted_traffic_equals_the_closed_form():
         (dict(d=32), "head dim d=32"),
         (dict(rows=9), "1..8"),
         (dict(splits=0), "splits must be a positive integer"),
-        (dict(threads=48), "threads must be a positive integer dividing d"),
+        (dict(threads=48), "threads=48 must divide d=64"),
         (dict(v_dtype=np.float64), "stored as one of"),
     ],
 )

@@ -79,21 +79,20 @@ def _flashlab(q, k, v):
     from flashlab.split_kv import auto_splits
 
     batch, heads, rows, d = q.shape
-    bh, n_k, threads = batch * heads, k.shape[-2], decode.default_threads(d)
-    splits = auto_splits(n_k, bh, blocks_per_sm=2048 // threads)
-    q3, k3, v3 = (x.float().reshape(bh, -1, d) if x is q else x.reshape(bh, -1, d) for x in (q, k, v))
-    out = [
-        torch.empty(shape, dtype=torch.float32, device=q.device)
-        for shape in decode._shapes(bh, rows, d, splits)
+    bh, n_k = batch * heads, k.shape[-2]
+    splits = auto_splits(n_k, bh, blocks_per_sm=2048 // decode.TILES[d]["threads"])
+    first, combine = decode.specs(d, rows, False, str(k.dtype).removeprefix("torch."), splits)
+    tensors = [q.float().reshape(bh, rows, d), k.reshape(bh, n_k, d), v.reshape(bh, n_k, d)]
+    tensors += [
+        torch.empty(s, dtype=torch.float32, device=q.device)
+        for s in decode.buffer_shapes(bh, rows, d, splits)
     ]
-    if device.MODE == "gpu":
-        args = [cuda.as_cuda_array(x) for x in (q3, k3, v3, *out)]
-    else:
-        args = [x.numpy() for x in (q3, k3, v3, *out)]
+    arrays = [cuda.as_cuda_array(x) if device.MODE == "gpu" else x.numpy() for x in tensors]
+    args = decode.args_for(*arrays, 1.0 / math.sqrt(d))
 
     def run():
-        decode.launch(*args, scale=1.0 / math.sqrt(d), causal=False, threads=threads)
-        return out[0].reshape(batch, heads, rows, d)
+        decode.run(first, combine, args)
+        return tensors[3].reshape(batch, heads, rows, d)
 
     return run, splits
 

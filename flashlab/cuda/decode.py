@@ -24,26 +24,31 @@ wrap-around test. Every K and V element is read exactly once (:func:`count_traff
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 
 import numpy as np
 from numba import cuda, float32, uint64
 
 from flashlab import device
+from flashlab.cuda.spec import KernelSpec
+from flashlab.inputs import check_scale
 from flashlab.split_kv import auto_splits, check_splits
 from flashlab.traffic import Traffic
 
-HEAD_DIMS = (64, 128)
 MAX_ROWS = 8  # query rows per sequence: decoding (1) and speculative decoding (a few)
 KV_DTYPES = ("float32", "float16")
+#: the registry's default tiles per head dim: threads per block (= keys per tile), query rows
+TILES = {64: {"threads": 64, "rows": 1}, 128: {"threads": 128, "rows": 1}}
+HEAD_DIMS = tuple(TILES)
+PARAMS = ("q", "k", "v", "part_o", "part_lse", "n_k", "chunk", "scale", "offset")
+COMBINE_PARAMS = ("part_o", "part_lse", "o", "lse", "splits")
 
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 NEG_INF = np.float32(-np.inf)
 LOG2E = np.float32(math.log2(math.e))
 LN2 = np.float32(math.log(2.0))
-
-last_run = "no decoding kernel has run yet"
 
 
 @cache
@@ -158,21 +163,68 @@ def combine_source(d: int):
     return combine
 
 
-@cache
-def _compiled(source):
-    return cuda.jit(source, fastmath=True) if device.MODE == "gpu" else cuda.jit(source)
+def decode_spec(
+    d: int, causal: bool, t: dict, device_fn: Callable, target: str, kv_dtype="float32"
+) -> KernelSpec:
+    """The registry's factory: kernel 1 for head dim ``d``, tiles ``threads`` and ``rows``, a
+    ``kv_dtype`` cache; grid ``(splits, BH)`` from the ``part_o`` argument. ``device_fn`` is unused
+    (the kernel calls no helper)."""
+    if d % t["threads"]:
+        raise ValueError(f"decode: threads={t['threads']} must divide d={d}")
+    if t["rows"] > MAX_ROWS:
+        raise ValueError(f"decode: rows={t['rows']} query rows per sequence; the kernel takes 1..{MAX_ROWS}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"decode: kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    signature = (
+        f"void(float32[:, :, ::1], {kv_dtype}[:, :, ::1], {kv_dtype}[:, :, ::1], float32[:, :, :, ::1], "
+        "float32[:, :, ::1], int64, int64, float32, int64)"
+    )
+    source = decode_source(d, t["rows"], t["threads"], causal)
+    return KernelSpec(
+        "decode", d, causal, source, PARAMS, lambda a: (a["part_o"].shape[1], a["q"].shape[0]),
+        (t["threads"],), 0, signature, tuple(t.items()) + (("kv_dtype", kv_dtype),), target,
+    )  # fmt: skip
 
 
-def default_threads(d: int) -> int:
-    """Threads per block (= keys per tile) of the partial-state kernel: ``d`` (64 or 128)."""
-    return d
+def combine_spec(d: int, splits: int, target: str) -> KernelSpec:
+    """Kernel 2 for head dim ``d`` and ``splits`` partial states (``4 splits`` B of dynamic shared memory)."""
+    signature = "void(float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], float32[:, ::1], int64)"
+    return KernelSpec(
+        "combine", d, False, combine_source(d), COMBINE_PARAMS, lambda a: (a["o"].shape[1], a["o"].shape[0]),
+        (d,), 4 * splits, signature, (("splits", splits),), target,
+    )  # fmt: skip
 
 
-def _is_torch_cuda(x) -> bool:
-    return hasattr(x, "is_cuda") and hasattr(x, "__cuda_array_interface__") and bool(x.is_cuda)
+def specs(d: int, rows: int, causal: bool, kv_dtype: str, splits: int, threads=None, target=None):
+    """Both kernels' specs for ``target``: ``"gpu"`` or ``"sim"`` (default: where kernels run now)."""
+    from flashlab.cuda.registry import make_kernel
+
+    target = target or ("gpu" if device.MODE == "gpu" else "sim")
+    tiles = {"rows": rows} | ({} if threads is None else {"threads": threads})
+    return make_kernel("decode", d, causal, target=target, kv_dtype=kv_dtype, **tiles), combine_spec(
+        d, splits, target
+    )
 
 
-def _check(q_shape, k_shape, v_shape, q_dtype, kv_dtypes, threads) -> tuple[int, int, int]:
+def run(first: KernelSpec, combine: KernelSpec, args: dict, *, make=None) -> None:
+    """Launch both kernels with the named ``args`` (:data:`PARAMS` and :data:`COMBINE_PARAMS`)."""
+    from flashlab.cuda import launch
+
+    launch.run(first, args, make=make)
+    summary = launch.last_run
+    launch.run(combine, args, make=make)
+    launch.last_run = f"{summary}; then {launch.last_run}"
+
+
+def args_for(q, k, v, o, lse, part_o, part_lse, scale: float) -> dict:
+    """Both kernels' named arguments, from 3-d ``q (BH, rows, d)``, ``k, v (BH, N_k, d)`` and the outputs."""
+    n_k, splits, rows = k.shape[1], part_o.shape[1], q.shape[1]
+    chunk = math.ceil(n_k / splits) if n_k else 0
+    arrays = dict(q=q, k=k, v=v, o=o, lse=lse, part_o=part_o, part_lse=part_lse)
+    return arrays | dict(n_k=n_k, chunk=chunk, scale=np.float32(scale), offset=n_k - rows, splits=splits)
+
+
+def _check(q_shape, k_shape, v_shape, q_dtype, kv_dtypes) -> tuple[int, int, int]:
     """ValueError naming what the kernels do not support; returns ``(rows, n_k, d)``."""
     if len(q_shape) < 2 or len(k_shape) < 2 or len(v_shape) < 2:
         raise ValueError(
@@ -186,35 +238,13 @@ def _check(q_shape, k_shape, v_shape, q_dtype, kv_dtypes, threads) -> tuple[int,
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(
             f"q has {rows} query rows per sequence; the decoding kernel takes 1..{MAX_ROWS} "
-            "(use flashlab.cuda's forward kernels for prefill)"
+            "(use flashlab.cuda.flash_attention for prefill)"
         )
     if q_dtype not in ("float32", "float16"):
         raise ValueError(f"q must be float32 (or float16), got {q_dtype}")
     if len(set(kv_dtypes)) != 1 or kv_dtypes[0] not in KV_DTYPES:
         raise ValueError(f"k and v must both be stored as one of {KV_DTYPES}, got {kv_dtypes}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1 or d % threads:
-        raise ValueError(f"threads must be a positive integer dividing d={d} (e.g. {d}), got {threads!r}")
     return rows, n_k, d
-
-
-def launch(q, k, v, o, lse, part_o, part_lse, *, scale: float, causal: bool, threads: int) -> None:
-    """Run both kernels on 3-d arrays: ``q (BH, rows, d)``, ``k, v (BH, N_k, d)`` into ``o, lse``.
-
-    ``part_o (BH, splits, rows, d)`` and ``part_lse (BH, splits, rows)`` are the workspace; arrays
-    are whatever the mode takes (NumPy arrays in the simulator, device arrays or CUDA tensors).
-    """
-    global last_run
-    bh, rows, d = q.shape
-    n_k, splits = k.shape[1], part_o.shape[1]
-    chunk = math.ceil(n_k / splits) if n_k else 0
-    decode = _compiled(decode_source(d, rows, threads, causal))
-    decode[(splits, bh), threads](q, k, v, part_o, part_lse, n_k, chunk, np.float32(scale), n_k - rows)
-    _compiled(combine_source(d))[(rows, bh), d, 0, 4 * splits](part_o, part_lse, o, lse, splits)
-    where = "GPU" if device.MODE == "gpu" else "simulator"
-    last_run = (
-        f"split-KV decode on the {where}: {splits} splits of {chunk} keys, grid ({splits}, {bh}) x "
-        f"{threads} threads, then combine grid ({rows}, {bh}) x {d} threads; K/V {k.dtype}"
-    )
 
 
 def decode_attention(q, k, v, *, splits="auto", causal=False, scale=None, return_lse=False, threads=None):
@@ -224,48 +254,46 @@ def decode_attention(q, k, v, *, splits="auto", causal=False, scale=None, return
     ``k, v (..., N_k, d)`` stored both float32 or both float16; ``d`` in :data:`HEAD_DIMS`; leading
     dims broadcast; ``causal`` bottom-right as in :func:`flashlab.naive_attention`. ``splits``: a
     positive integer or ``"auto"`` (:func:`flashlab.split_kv.auto_splits` with as many blocks per
-    SM as fit, 2048 threads each). NumPy in, NumPy float32 out; torch CUDA tensors in, tensors out.
+    SM as fit, 2048 threads each); ``threads``: per block of kernel 1 (divides d; default d).
+    NumPy in, NumPy float32 out; torch CUDA tensors in, tensors out (no copies of K and V).
     """
-    threads_ = default_threads(np.shape(q)[-1]) if threads is None else threads
+    from flashlab.cuda.launch import is_cuda_tensor
+
     dtypes = [str(x.dtype).removeprefix("torch.") for x in (q, k, v)]
-    rows, n_k, d = _check(tuple(q.shape), tuple(k.shape), tuple(v.shape), dtypes[0], dtypes[1:], threads_)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0 (default 1/sqrt(d)), got {scale}")
+    rows, n_k, d = _check(tuple(q.shape), tuple(k.shape), tuple(v.shape), dtypes[0], dtypes[1:])
+    scale = check_scale(scale, d)
     lead = tuple(np.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2])))
     bh = math.prod(lead)
     if isinstance(splits, str) and splits == "auto":
-        splits = auto_splits(n_k, bh, blocks_per_sm=2048 // threads_)
+        splits = auto_splits(n_k, bh, blocks_per_sm=2048 // (threads or TILES[d]["threads"]))
     splits = check_splits(splits, n_k, bh)
-    if _is_torch_cuda(q):
+    first, combine = specs(d, rows, causal, dtypes[1], splits, threads)
+    if is_cuda_tensor(q):
         import torch
 
-        q3, k3, v3 = (
-            x.expand(lead + tuple(x.shape[-2:])).reshape(bh, x.shape[-2], d).contiguous() for x in (q, k, v)
-        )
-        q3 = q3.float()
-        out = [
-            torch.empty(shape, dtype=torch.float32, device=q.device) for shape in _shapes(bh, rows, d, splits)
+        q3, k3, v3 = (x.expand(lead + tuple(x.shape[-2:])).reshape(bh, -1, d).contiguous() for x in (q, k, v))
+        outs = [
+            torch.empty(shape, dtype=torch.float32, device=q.device)
+            for shape in buffer_shapes(bh, rows, d, splits)
         ]
-        launch(
-            q3, k3, v3, *(cuda.as_cuda_array(x) for x in out), scale=scale, causal=causal, threads=threads_
-        )
-        o, lse = out[0].reshape(lead + (rows, d)), out[1].reshape(lead + (rows,))
+        run(first, combine, args_for(*(cuda.as_cuda_array(x) for x in (q3.float(), k3, v3, *outs)), scale))
+        o, lse = outs[0].reshape(lead + (rows, d)), outs[1].reshape(lead + (rows,))
         return (o, lse) if return_lse else o
     q3, k3, v3 = (
         np.ascontiguousarray(np.broadcast_to(x, lead + x.shape[-2:]).reshape(bh, -1, d)) for x in (q, k, v)
     )
     host = [q3.astype(np.float32), k3, v3] + [
-        np.empty(shape, np.float32) for shape in _shapes(bh, rows, d, splits)
+        np.empty(shape, np.float32) for shape in buffer_shapes(bh, rows, d, splits)
     ]
-    dev = [cuda.to_device(x) for x in host]
-    launch(*dev, scale=scale, causal=causal, threads=threads_)
-    o, lse = dev[3].copy_to_host().reshape(lead + (rows, d)), dev[4].copy_to_host().reshape(lead + (rows,))
+    args = args_for(*(cuda.to_device(x) if device.MODE == "gpu" else x for x in host), scale)
+    run(first, combine, args)
+    o, lse = (args[name].copy_to_host() if device.MODE == "gpu" else args[name] for name in ("o", "lse"))
+    o, lse = o.reshape(lead + (rows, d)), lse.reshape(lead + (rows,))
     return (o, lse) if return_lse else o
 
 
-def _shapes(bh: int, rows: int, d: int, splits: int) -> list[tuple]:
-    """Shapes of ``o, lse, part_o, part_lse``."""
+def buffer_shapes(bh: int, rows: int, d: int, splits: int) -> list[tuple]:
+    """Shapes of the outputs ``o, lse`` and the workspace ``part_o, part_lse`` (for :func:`args_for`)."""
     return [(bh, rows, d), (bh, rows), (bh, splits, rows, d), (bh, splits, rows)]
 
 
@@ -292,42 +320,22 @@ def count_traffic(
 ) -> tuple[Traffic, np.ndarray, np.ndarray]:
     """Run both kernels in the simulator over counting arrays: ``(Traffic, o, lse)``.
 
-    3-d NumPy inputs ``q (BH, rows, d)``, ``k, v (BH, N_k, d)``, as :func:`decode_attention` takes
-    them; keep them tiny. Counts are element reads and writes per tensor (:class:`flashlab.traffic.Traffic`).
+    3-d NumPy inputs ``q (BH, rows, d)``, ``k, v (BH, N_k, d)``, as the kernels take them; keep them
+    tiny. Counts are element reads and writes per tensor (:class:`flashlab.traffic.Traffic`).
     """
-    from flashlab.kernel_traffic import Counted, simulate
+    from flashlab.cuda.traffic import CountingArray
 
-    threads = default_threads(q.shape[-1]) if threads is None else threads
-    rows, n_k, d = _check(q.shape, k.shape, v.shape, str(q.dtype), [str(k.dtype), str(v.dtype)], threads)
+    rows, n_k, d = _check(q.shape, k.shape, v.shape, str(q.dtype), [str(k.dtype), str(v.dtype)])
     bh = q.shape[0]
     splits = check_splits(splits, n_k, bh)
-    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
-    o, lse, part_o, part_lse = (np.full(shape, np.nan, np.float32) for shape in _shapes(bh, rows, d, splits))
-    names = ("Q", "K", "V", "O", "lse", "part_o", "part_lse")
-    arrays = dict(zip(names, (Counted(x) for x in (q, k, v, o, lse, part_o, part_lse)), strict=True))
-    chunk = math.ceil(n_k / splits) if n_k else 0
-    simulate(
-        decode_source(d, rows, threads, causal),
-        (splits, bh),
-        (threads,),
-        (
-            arrays["Q"],
-            arrays["K"],
-            arrays["V"],
-            arrays["part_o"],
-            arrays["part_lse"],
-            n_k,
-            chunk,
-            scale,
-            n_k - rows,
-        ),
+    first, combine = specs(d, rows, causal, str(k.dtype), splits, threads, target="sim")  # on any machine
+    outs = [np.full(shape, np.nan, np.float32) for shape in buffer_shapes(bh, rows, d, splits)]  # poisoned
+    counted = [CountingArray(x) for x in (q, k, v, *outs)]
+    args = args_for(*counted, check_scale(scale, d))
+    run(first, combine, args, make=CountingArray)
+    names = {"Q": "q", "K": "k", "V": "v", "O": "o", "lse": "lse", "part_o": "part_o", "part_lse": "part_lse"}
+    traffic = Traffic(
+        {key: args[name].reads() for key, name in names.items()},
+        {key: args[name].writes() for key, name in names.items()},
     )
-    simulate(
-        combine_source(d),
-        (rows, bh),
-        (d,),
-        (arrays["part_o"], arrays["part_lse"], arrays["O"], arrays["lse"], splits),
-        4 * splits,
-    )
-    traffic = Traffic({n: a.reads() for n, a in arrays.items()}, {n: a.writes() for n, a in arrays.items()})
-    return traffic, o, lse
+    return traffic, outs[0], outs[1]
