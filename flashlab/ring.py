@@ -261,42 +261,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, folder: str, options: dict, timeout: float) -> None:
-    """One spawned rank: join the gloo group, run :func:`ring_attention` on its shard, save the result."""
+def _worker(rank: int, world: int, port: int, folder: str, jobs: list[dict], timeout: float) -> None:
+    """One spawned rank: join the gloo group, run :func:`ring_attention` once per job, save the results."""
+    import torch
     import torch.distributed as dist
+    from threadpoolctl import threadpool_limits
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     folder = Path(folder)
+    torch.set_num_threads(1)  # P processes share the machine's cores: one thread each
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-        if options.pop("fail_rank", None) == rank:
-            os._exit(3)  # a rank that dies without a word, as a crashed machine would
-        with np.load(folder / f"in{rank}.npz") as f:
-            q, k, v = f["q"], f["k"], f["v"]
-        stats = []
-        o, lse = ring_attention(q, k, v, return_lse=True, stats=stats, **options)
-        np.savez(folder / f"out{rank}.npz", o=o, lse=lse, stats=np.array(stats, dtype=float))
+        for job, options in enumerate(jobs):
+            if options.get("fail_rank") == rank:
+                os._exit(3)  # a rank that dies without a word, as a crashed machine would
+            with np.load(folder / f"in{job}_{rank}.npz") as f:
+                q, k, v = f["q"], f["k"], f["v"]
+            stats = []
+            ring_options = {key: value for key, value in options.items() if key != "fail_rank"}
+            with threadpool_limits(1, user_api="blas"):
+                o, lse = ring_attention(q, k, v, return_lse=True, stats=stats, **ring_options)
+            np.savez(folder / f"out{job}_{rank}.npz", o=o, lse=lse, stats=np.array(stats, dtype=float))
         dist.destroy_process_group()
     except Exception as e:  # reported by the parent, naming this rank
         (folder / f"error{rank}.txt").write_text(f"{type(e).__name__}\n{e}\n\n{traceback.format_exc()}")
         sys.exit(1)
 
 
-def launch(shards: list[tuple], *, timeout: float = 60.0, **options) -> list[tuple]:
-    """Spawn one process per ``(q, k, v)`` shard, run :func:`ring_attention` with ``options``.
+def launch(jobs: list[tuple[list, dict]], *, timeout: float = 60.0) -> list[list[tuple]]:
+    """Spawn one process per rank and run :func:`ring_attention` once per job, in one process group.
 
-    Returns per rank ``(o, lse, stats)``. A rank that raises re-raises here (ValueError as
-    ValueError, naming the rank); a rank that dies, or a ring that takes longer than ``timeout``
-    seconds, raises ``RuntimeError`` / ``TimeoutError`` after the other ranks are stopped: never a hang.
+    ``jobs``: ``(shards, options)`` pairs, ``shards`` a ``(q, k, v)`` per rank (all jobs the same
+    number of ranks), ``options`` keywords of :func:`ring_attention` (plus ``fail_rank``: that rank
+    exits at the start of the job). Returns per job, per rank ``(o, lse, stats)``. A rank that
+    raises re-raises here (ValueError as ValueError, naming the rank); a rank that dies, or a run
+    longer than ``timeout`` seconds, raises ``RuntimeError`` / ``TimeoutError`` once the other
+    ranks are stopped: never a hang.
     """
     import torch.multiprocessing as mp
 
-    world = len(shards)
+    world = len(jobs[0][0])
+    if any(len(shards) != world for shards, _ in jobs):
+        raise ValueError(f"every job must have one shard per rank, {world} like the first")
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
-        for rank, (q, k, v) in enumerate(shards):
-            np.savez(Path(folder) / f"in{rank}.npz", q=q, k=k, v=v)
-        args = (world, free_port(), folder, options, timeout)
+        for job, (shards, _) in enumerate(jobs):
+            for rank, (q, k, v) in enumerate(shards):
+                np.savez(Path(folder) / f"in{job}_{rank}.npz", q=q, k=k, v=v)
+        args = (world, free_port(), folder, [options for _, options in jobs], timeout)
         procs = [context.Process(target=_worker, args=(rank, *args), daemon=True) for rank in range(world)]
         for p in procs:
             p.start()
@@ -314,16 +326,21 @@ def launch(shards: list[tuple], *, timeout: float = 60.0, **options) -> list[tup
                 time.sleep(0.02)
             if any(p.exitcode != 0 for p in procs):
                 _raise_failure(Path(folder), procs)
-            results = []
-            for rank in range(world):
-                with np.load(Path(folder) / f"out{rank}.npz") as f:
-                    results.append((f["o"], f["lse"], [StepStats(*_ints(row)) for row in f["stats"]]))
-            return results
+            return [
+                [_load(Path(folder) / f"out{job}_{rank}.npz") for rank in range(world)]
+                for job in range(len(jobs))
+            ]
         finally:
             for p in procs:
                 if p.exitcode is None:
                     p.kill()
                 p.join()
+
+
+def _load(path: Path) -> tuple:
+    """One rank's saved ``(o, lse, stats)``."""
+    with np.load(path) as f:
+        return f["o"], f["lse"], [StepStats(*_ints(row)) for row in f["stats"]]
 
 
 def _ints(row) -> tuple:
@@ -353,20 +370,27 @@ def run_ring(
 
     Shards the inputs with :func:`shard` (ValueError unless ``world`` divides N, zig-zag ``2 world``),
     runs :func:`ring_attention` on every shard, and puts the outputs back in sequence order.
-    ``fail_rank``: kill that rank after it joins the group, to see the failure reported (no hang).
+    ``layout`` may also be a tuple of layouts: then one :class:`RingResult` per layout (a dict),
+    all from one set of processes. ``fail_rank``: kill that rank after it joins the group, to see
+    the failure reported (no hang).
     """
+    layouts = (layout,) if isinstance(layout, str) else tuple(layout)
     a = attention_inputs(q, k, v, scale)
     if a.q.shape[-2] != a.k.shape[-2]:
         raise ValueError(
             f"ring attention is self-attention: N_q must equal N_k, got {a.q.shape[-2]}, {a.k.shape[-2]}"
         )
-    check_layout(a.q.shape[-2], world, layout)
-    shards = [tuple(shard(x, world, r, layout) for x in (q, k, v)) for r in range(world)]
-    options = dict(causal=causal, scale=scale, layout=layout, fail_rank=fail_rank)
-    results = launch(shards, timeout=timeout, **options)
-    o = unshard([r[0] for r in results], layout)
-    lse = unshard([r[1][..., None] for r in results], layout)[..., 0]
-    return RingResult(o, lse, [r[2] for r in results])
+    jobs = []
+    for lay in layouts:
+        check_layout(a.q.shape[-2], world, lay)
+        shards = [tuple(shard(x, world, r, lay) for x in (q, k, v)) for r in range(world)]
+        jobs.append((shards, dict(causal=causal, scale=scale, layout=lay, fail_rank=fail_rank)))
+    results = {}
+    for lay, ranks in zip(layouts, launch(jobs, timeout=timeout), strict=True):
+        o = unshard([r[0] for r in ranks], lay)
+        lse = unshard([r[1][..., None] for r in ranks], lay)[..., 0]
+        results[lay] = RingResult(o, lse, [r[2] for r in ranks])
+    return results[layout] if isinstance(layout, str) else results
 
 
 # --- torchrun entry point -------------------------------------------------------------------------
