@@ -9,6 +9,7 @@ TARGETS = {
     "memory": "flashlab.bench.memory",
     "profile": "flashlab.bench.profile",
     "kernels": "flashlab.bench.kernels",
+    "decode": "flashlab.bench.decode",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from flashlab.cuda import backward, forward
+from flashlab.cuda import backward, decode, forward
 from flashlab.cuda.spec import KernelSpec, python_function
 from flashlab.inputs import check_block
 
@@ -31,6 +31,7 @@ REGISTRY: dict[str, Kernel] = {
         forward.register_tiled_spec, forward.REGISTER_TILED_TILES, "forward", ("index",)
     ),
     "backward": Kernel(backward.backward_spec, backward.BACKWARD_TILES, "backward"),
+    "decode": Kernel(decode.decode_spec, decode.TILES, "decode", ("kv_dtype",)),
 }
 
 
