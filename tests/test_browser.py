@@ -6,9 +6,9 @@ checks and no language server. Chromium opens ``notebooks/06_explorers.ipynb``, 
 kernel, runs all cells, moves a slider of each explorer with the keyboard and checks that the figure
 changed and that no error or stderr output appeared. Screenshots go to ``build/browser/``.
 
-The HTML export (``make html``: nbconvert ``--execute``, with static images ranked above widget views
-so that an explorer's output shows its figure rather than a widget that needs a CDN) is opened in the
-same browser, offline.
+The HTML export (``make html``: :func:`flashlab.lab.write_html`, static images ranked above widget views
+so that an explorer's output shows its figure, and a local MathJax) is opened in the same browser with
+every network request refused: figures and math must render.
 
 Needs Debian's ``chromium`` at ``/usr/bin/chromium`` and ``playwright`` (the ``dev`` extra). Without
 them these tests skip and say how to enable them; with ``CI=true`` they fail instead.
@@ -291,21 +291,15 @@ def test_jupyterlab_calls_nothing_outside_this_machine(notebook):
     assert notebook.outside == [], "no news, update checks or CDNs: the course works offline"
 
 
-def test_html_export_shows_the_static_figures(browser, tmp_path):
+def test_html_export_shows_the_static_figures_and_math_offline(browser, tmp_path):
     out = tmp_path / "html"
-    done = subprocess.run(
-        lab.html_command(out, [NOTEBOOK]),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=NOTEBOOK.parent,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    lab.write_html([NOTEBOOK], out)  # what `make html` runs for every chapter
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    outside = []
     try:
-        # The export links MathJax and require.js from CDNs: offline (CI) they must not hold the page up.
-        page.route(re.compile(r"^https?://"), lambda route: route.abort())
-        page.goto((out / f"{NOTEBOOK.stem}.html").as_uri(), wait_until="domcontentloaded")
+        refuse = lambda route: (outside.append(route.request.url), route.abort())  # noqa: E731
+        page.route(re.compile(r"^https?://"), refuse)
+        page.goto((out / f"{NOTEBOOK.stem}.html").as_uri(), wait_until="load")
         images = page.locator('img[src^="data:image/png;base64,"]')
         page.wait_for_function("() => [...document.images].every(i => i.complete)")
         assert images.count() >= 4, "both explorers' static figures and the two plain figures"
@@ -313,6 +307,16 @@ def test_html_export_shows_the_static_figures(browser, tmp_path):
         assert all(w > 300 for w in widths), widths
         assert page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count() == 0
         assert "Traceback" not in page.inner_text("body")
+        page.wait_for_function(
+            "() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0"
+            " && document.querySelectorAll('.MathJax, .MathJax_Display').length > 0",
+            timeout=TIMEOUT_MS,
+        )
+        raw = page.evaluate(
+            "[...document.querySelectorAll('.jp-MarkdownOutput')].map(e => e.innerText).join(' ')"
+        )
+        assert not re.findall(r"\$[^$\n]+\$", raw), "math left as raw LaTeX"
+        assert outside == [], f"the static pages fetched from the network: {outside}"
         SHOTS.mkdir(parents=True, exist_ok=True)
         images.first.scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "html_export.png"))

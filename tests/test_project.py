@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -15,11 +16,6 @@ import pytest
 import yaml
 
 from flashlab import lab
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -48,6 +44,45 @@ def test_notebook_is_committed_without_outputs(path):
         if cell["cell_type"] == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
     ]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_what_the_output_filter_commits(path):
+    """`make lab` installs nbstripout's git filter; a committed notebook must be its fixed point, or a
+    learner's clone shows the notebook modified before any edit."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nbstripout", "-t", *lab.STRIP_ARGS],
+        input=path.read_text(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout) == json.loads(path.read_text()), (
+        f"{path.name}: the filter would change it; run "
+        f"`python -m nbstripout {' '.join(lab.STRIP_ARGS)} {path.relative_to(ROOT)}`"
+    )
+
+
+def test_make_lab_installs_the_output_filter(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert lab.install_strip_filter(tmp_path) == 0
+    nb = tmp_path / "notebooks" / "a.ipynb"
+    nb.parent.mkdir()
+    committed = json.loads(NOTEBOOKS[0].read_text())
+    run = json.loads(NOTEBOOKS[0].read_text())
+    run["metadata"]["language_info"] = {"name": "python", "version": "3.11.7"}
+    first = next(c for c in run["cells"] if c["cell_type"] == "code")
+    first["execution_count"] = 1
+    first["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hi\n"}]
+    nb.write_text(json.dumps(run))
+    staged = subprocess.run(
+        ["git", "-C", str(tmp_path), "add", "notebooks/a.ipynb"], capture_output=True, text=True
+    )
+    assert staged.returncode == 0, staged.stderr
+    blob = subprocess.run(
+        ["git", "-C", str(tmp_path), "show", ":notebooks/a.ipynb"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(blob.stdout) == committed, "the filter kept a learner's outputs or kernel details"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
