@@ -74,6 +74,43 @@ class Bound:
         return f"{self.atol:.2e} ({self.formula})"
 
 
+def sum_bound(terms, dtype, *, what="sum") -> Bound:
+    """Bound on the error of ``sum(terms, axis=-1)`` computed in ``dtype`` in any order or blocking.
+
+    ``|fl(sum) - sum| <= gamma_n * sum|terms|`` (``n`` = the last axis' length), plus the float64
+    reference's own ``gamma_n``; returns the largest over the leading axes. Use it for merge-order and
+    chunking identities: two orders of the same sum differ by at most twice this.
+    """
+    a = np.abs(np.asarray(terms, np.float64))
+    n = max(a.shape[-1], 1) if a.ndim else 1
+    size = float(np.max(np.sum(a, axis=-1), initial=0.0)) if a.ndim else float(a)
+    name = dtype_name(dtype)
+    atol = (gamma(n, UNIT_ROUNDOFF[name]) + gamma(n, UNIT_ROUNDOFF["float64"])) * size
+    return Bound(atol, f"{what} of {n} terms in {name}: gamma_{n} * max sum|terms| = {size:.3g}")
+
+
+def softmax_bound(x, dtype=None) -> Bound:
+    """Bound on ``max |p - p_ref|`` for ``p = softmax(x)`` over the last axis, computed in ``dtype``.
+
+    Subtracting the max rounds ``x - m`` by ``u |x - m|``; ``exp`` adds ``c u``; the sum of ``n`` weights
+    ``gamma_n``; the division ``u``. With ``p <= 1``: ``(2 (u max|x - m| + c u) + gamma_n + u)``.
+    """
+    x64 = np.asarray(x, np.float64)
+    name = dtype_name(np.asarray(x).dtype if dtype is None else dtype)
+    finite = np.where(np.isfinite(x64), x64, np.nan)
+    with np.errstate(invalid="ignore"):
+        spread = float(
+            np.nan_to_num(np.nanmax(finite, axis=-1) - np.nanmin(finite, axis=-1)).max(initial=0.0)
+        )
+    n = max(x64.shape[-1], 1) if x64.ndim else 1
+
+    def bound(u):
+        return 2 * (u * spread + EXP_ULPS * u) + gamma(n, u) + u
+
+    atol = bound(UNIT_ROUNDOFF[name]) + bound(UNIT_ROUNDOFF["float64"])
+    return Bound(atol, f"softmax in {name} of {n} scores spread over {spread:.3g}")
+
+
 def _logit_error(q, k, scale, u):
     """``e_s``: bound on the absolute error of one computed logit, from the actual inputs."""
     aq, ak = np.abs(q), np.abs(k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -141,3 +142,25 @@ def test_ruff_is_clean():
         [sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+# A float comparison in a chapter goes through flashlab.tolerance (a bound derived from the problem and
+# printed with its formula), never a bare limit tuned on one machine's BLAS.
+BARE_LIMIT = re.compile(
+    r"(?:[<>]=?\s*[0-9.]+e-\d+)|(?:\b(?:atol|rtol)\s*=)|(?:\b(?:allclose|assert_allclose|isclose|approx)\()"
+)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_float_checks_use_the_tolerance_helper(path):
+    nb = json.loads(path.read_text())
+    bare = [
+        f"cell {i}: {line.strip()}"
+        for i, cell in enumerate(nb["cells"])
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if BARE_LIMIT.search(line.split("#")[0])
+    ]
+    assert not bare, f"{path.name}: compare floats with flashlab.tolerance, not a bare limit:\n" + "\n".join(
+        bare
+    )

@@ -10,6 +10,8 @@ from flashlab.tolerance import (
     attention_bound,
     check_close,
     gamma,
+    softmax_bound,
+    sum_bound,
     unit_roundoff,
 )
 from tests.strategies import attention_problems
@@ -64,3 +66,25 @@ def test_backward_bound_covers_float32_gradients():
     bounds = attention_backward_bound(q, k, v, do)
     for name, got, want in zip(("dq", "dk", "dv"), grads(torch.float32), grads(torch.float64), strict=True):
         check_close(got, want, bounds[name], name)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_sum_and_softmax_bounds_hold_for_every_order(dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 257)) * 20).astype(dtype)
+    exact = np.sum(x.astype(np.float64), axis=-1)
+    bound = sum_bound(x, dtype)
+    for order in (np.arange(257), rng.permutation(257), np.argsort(np.abs(x[0]))):
+        got = np.zeros(3, dtype)
+        for j in order:  # one rounding per addition, in this order
+            got = (got + x[:, j]).astype(dtype)
+        check_close(got, exact, bound, "sum")
+    p = np.exp(x.astype(np.float64) - x.astype(np.float64).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    xs = x - x.max(-1, keepdims=True)
+    ours = np.exp(xs) / np.exp(xs).sum(-1, keepdims=True, dtype=dtype)
+    check_close(ours, p, softmax_bound(x), "softmax")
+    off = p.copy()
+    off[0, 0] += 2 * softmax_bound(x).atol
+    with pytest.raises(AssertionError, match="exceeds the bound"):  # the bound is not vacuous
+        check_close(off, p, softmax_bound(x), "softmax")
