@@ -1,0 +1,72 @@
+"""Number formats of the tensor core, emulated in NumPy: rounding to bf16, fp16 and TF32.
+
+A tensor core multiplies 16-bit (or TF32) inputs and accumulates in float32. Which format the inputs
+are rounded to decides how far attention lands from its float64 value:
+
+================  ============  ===============  ==========================
+format            mantissa bits  unit roundoff u  exponent range
+================  ============  ===============  ==========================
+float32 (fp32)    23             2^-24            8 bits (to 3.4e38)
+tfloat32 (TF32)   10             2^-11            8 bits (fp32's range)
+bfloat16 (bf16)   7              2^-8             8 bits (fp32's range)
+float16 (fp16)    10             2^-11            5 bits (to 65504)
+================  ============  ===============  ==========================
+
+Rounding is to nearest, ties to even (as ``cvt.rn`` does on the GPU). The 16-bit formats travel as
+their bit patterns (``uint16``), two to a 32-bit register: the layout ``mma.sync`` reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: formats :func:`round_to` knows, with their number of explicit mantissa bits
+MANTISSA_BITS = {"float32": 23, "tfloat32": 10, "bfloat16": 7, "float16": 10}
+#: the 16-bit input formats of ``mma.sync`` m16n8k16
+DTYPES16 = ("bfloat16", "float16")
+
+
+def _check_dtype(dtype: str, allowed) -> str:
+    if dtype not in allowed:
+        raise ValueError(f"dtype: got {dtype!r}; use one of {', '.join(allowed)}")
+    return dtype
+
+
+def to_bits(x, dtype: str) -> np.ndarray:
+    """The 16-bit patterns (``uint16``) of ``x`` rounded to ``dtype`` (``"bfloat16"`` or ``"float16"``).
+
+    bf16 is the upper half of a float32, rounded to nearest even on the lower half; NaN stays NaN.
+    """
+    _check_dtype(dtype, DTYPES16)
+    x32 = np.asarray(x, np.float32)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return x32.astype(np.float16).view(np.uint16)
+    u = x32.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x32), np.uint16(0x7FC0), rounded)
+
+
+def from_bits(bits, dtype: str) -> np.ndarray:
+    """float32 values of the 16-bit patterns ``bits`` in ``dtype`` (exact: both formats fit in fp32)."""
+    _check_dtype(dtype, DTYPES16)
+    b = np.asarray(bits, np.uint16)
+    if dtype == "float16":
+        return b.view(np.float16).astype(np.float32)
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to(x, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (one of :data:`MANTISSA_BITS`), returned as float32 values."""
+    _check_dtype(dtype, tuple(MANTISSA_BITS))
+    if dtype in DTYPES16:
+        return from_bits(to_bits(x, dtype), dtype)
+    x32 = np.asarray(x, np.float32)
+    if dtype == "float32":
+        return x32.copy()
+    u = x32.view(np.uint32).astype(np.uint64)  # tfloat32: keep 10 of fp32's 23 mantissa bits
+    drop = 23 - MANTISSA_BITS[dtype]
+    half = (1 << (drop - 1)) - 1
+    kept = ((u + half + ((u >> drop) & 1)) >> drop) << drop
+    out = kept.astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(x32), out, x32)
