@@ -9,6 +9,7 @@ TARGETS = {
     "memory": "flashlab.bench.memory",
     "profile": "flashlab.bench.profile",
     "kernels": "flashlab.bench.kernels",
+    "tensor-cores": "flashlab.bench.tensor_core",
 }
 
 
