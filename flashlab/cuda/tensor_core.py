@@ -24,7 +24,6 @@ from functools import cache
 import numpy as np
 from numba import cuda, float32, uint32
 
-from flashlab import device
 from flashlab.cuda import ptx
 from flashlab.precision import DTYPES16, from_bits, to_bits
 
@@ -37,11 +36,7 @@ LOG2E = np.float32(math.log2(math.e))
 LN2 = np.float32(math.log(2.0))
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
-
-SIGNATURE = (
-    "void(uint32[:, :, ::1], uint32[:, :, ::1], uint32[:, :, ::1], uint32[:, :, ::1], "
-    "float32[:, ::1], int64, int64, float32, int64)"
-)
+ONE = np.float32(1.0)
 
 
 @cache
@@ -213,16 +208,13 @@ def kernel_source(d: int, causal: bool, dtype: str):
     return flash_tc
 
 
-ONE = np.float32(1.0)
-
-
 @cache
 def compiled(d: int, causal: bool, dtype: str):
-    """:func:`kernel_source` compiled by ``numba.cuda.jit`` (fast math on a GPU)."""
-    source = kernel_source(d, causal, dtype)
-    if device.MODE != "gpu":
-        return cuda.jit(source)
-    return cuda.jit(SIGNATURE, fastmath=True)(source)
+    """:func:`kernel_source` compiled by ``numba.cuda.jit`` for the argument types of the first call.
+
+    No fast math: it would let the compiler assume no infinities, and ``-inf`` marks masked scores.
+    """
+    return cuda.jit(kernel_source(d, causal, dtype))
 
 
 def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str) -> None:
