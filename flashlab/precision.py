@@ -70,3 +70,65 @@ def round_to(x, dtype: str) -> np.ndarray:
     kept = ((u + half + ((u >> drop) & 1)) >> drop) << drop
     out = kept.astype(np.uint32).view(np.float32)
     return np.where(np.isfinite(x32), out, x32)
+
+
+#: the formats of the lesson, from exact to coarse: attention's inputs (and P) in each, fp32 sums
+FORMATS = ("float64", "float32", "tfloat32", "bfloat16", "float16")
+
+
+def emulated_attention(q, k, v, fmt: str, *, causal: bool = False, round_p: bool = True) -> np.ndarray:
+    """Attention as a tensor core computes it in ``fmt``: q, k, v rounded to ``fmt``, ``S = q k^T`` and
+    ``P V`` summed in float32, softmax in float32, ``P`` rounded to ``fmt`` before ``P V`` (the mma's
+    inputs are ``fmt``) unless ``round_p=False``. ``fmt="float32"`` is chapter 4's fp32 FMA kernel;
+    ``"float64"`` the reference. Shapes ``(..., N, d)``; returns float64 ``o``.
+    """
+    from flashlab.attention import naive_attention
+
+    _check_dtype(fmt, FORMATS)
+    if fmt == "float64":
+        return naive_attention(q, k, v, causal=causal)
+    qr, kr, vr = (round_to(x, fmt) for x in (q, k, v))
+    scale = np.float32(1 / np.sqrt(qr.shape[-1]))
+    s = (qr @ np.swapaxes(kr, -1, -2)) * scale
+    if causal:
+        n_q, n_k = s.shape[-2:]
+        s = np.where(np.arange(n_k)[None, :] <= np.arange(n_q)[:, None] + n_k - n_q, s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    l = p.sum(axis=-1, keepdims=True)  # noqa: E741 (the paper's l)
+    if round_p:
+        p = round_to(p, fmt)
+    return ((p @ vr) / l).astype(np.float64)
+
+
+def format_errors(q, k, v, *, causal: bool = False) -> dict[str, float]:
+    """Max |o - o_float64| of :func:`emulated_attention` per format (P rounded), plus
+    ``"<fmt>, P in float32"`` for the 16-bit formats: what rounding P costs."""
+    ref = emulated_attention(q, k, v, "float64", causal=causal)
+    errors = {}
+    for fmt in FORMATS[1:]:
+        errors[fmt] = float(np.abs(emulated_attention(q, k, v, fmt, causal=causal) - ref).max())
+    for fmt in DTYPES16:
+        o = emulated_attention(q, k, v, fmt, causal=causal, round_p=False)
+        errors[f"{fmt}, P in float32"] = float(np.abs(o - ref).max())
+    return errors
+
+
+def plot_errors(errors: dict[str, float], bounds: dict[str, float] | None = None, ax=None):
+    """Bars of :func:`format_errors` on a log scale, with each format's derived bound as a tick."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(7, 3.2))[1]
+    names = list(errors)
+    ax.bar(
+        range(len(names)), [max(errors[n], 1e-18) for n in names], color="tab:blue", label="max |o - o_64|"
+    )
+    if bounds:
+        xs = [i for i, n in enumerate(names) if n in bounds]
+        ax.scatter(
+            xs, [bounds[names[i]] for i in xs], marker="_", s=400, color="tab:red", label="derived bound"
+        )
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("error vs float64")
+    ax.legend(loc="upper left")
+    return ax
