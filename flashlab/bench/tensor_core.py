@@ -32,7 +32,6 @@ IMPLS = (
 )
 DTYPE = {"flashlab_tc_bf16": "bfloat16", "flashlab_tc_fp16": "float16", "flashlab_register_tiled": "float32"}
 CHECK_ROWS = 512  # query rows of head 0 checked against the float32 reference
-TENSOR_CORE_PEAK_TFLOPS = 989.0  # H200 SXM dense bf16/fp16 tensor-core peak (NVIDIA data sheet)
 
 
 def _tc(dtype: str):
@@ -206,7 +205,6 @@ def main(argv: list[str]) -> int:
                     )
     meta = provenance() | {
         "elapsed_s": round(time.perf_counter() - t0, 1),
-        "peak_tflops": TENSOR_CORE_PEAK_TFLOPS,
     }
     path = write_results(NAME, rows, meta, args.out)
     print(f"wrote {len(rows)} rows to {path}")
