@@ -132,3 +132,32 @@ def plot_errors(errors: dict[str, float], bounds: dict[str, float] | None = None
     ax.set_ylabel("error vs float64")
     ax.legend(loc="upper left")
     return ax
+
+
+def tensor_core_bound(q, k, v, dtype: str, *, scale=None, rounded_inputs: bool = False):
+    """Bound on ``max |o - o_ref|`` for attention on a tensor core: inputs, P and O in ``dtype``, every
+    sum and the softmax in float32 (so :func:`flashlab.tolerance.attention_bound` at ``dtype`` would
+    charge its ``gamma_n`` to sums that are really float32, and has no bound past ``n u >= 1``).
+
+    Three parts, ``u`` the unit roundoff of ``dtype``: the float32 computation
+    (``attention_bound(dtype="float32")``); rounding P (relative ``u`` per weight, numerator only) and
+    O, at most ``2 u max|v|``; and, unless ``rounded_inputs`` (the reference already used the rounded
+    q, k, v), rounding the inputs: each logit moves by at most ``e_in = (2u + u^2) scale max sum|q k|``,
+    each weight by the factor ``exp(2 e_in)``, so o by ``2 eps / (1 - eps) max|v|`` with
+    ``eps = exp(2 e_in) - 1``, plus ``u max|v|`` for V.
+    """
+    from flashlab.tolerance import Bound, attention_bound, unit_roundoff
+
+    _check_dtype(dtype, FORMATS[1:])
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = 1 / np.sqrt(q64.shape[-1]) if scale is None else float(scale)
+    u = unit_roundoff(dtype)
+    vmax = float(np.max(np.abs(v64), initial=0.0))
+    atol = attention_bound(q64, k64, v64, dtype="float32", scale=scale).atol + 2 * u * vmax
+    formula = f"o on a tensor core in {dtype}: float32 sums, P and O rounded"
+    if not rounded_inputs:
+        worst = float(np.max(np.abs(q64) @ np.swapaxes(np.abs(k64), -1, -2), initial=0.0))
+        eps = float(np.expm1(2 * (2 * u + u * u) * scale * worst))
+        atol += (2 * eps / (1 - eps) if eps < 1 else np.inf) * vmax + u * vmax
+        formula += ", inputs rounded"
+    return Bound(atol, formula)

@@ -1,5 +1,6 @@
-"""The tensor-core FlashAttention kernel against the float64 reference, within the bound derived for
-its input format (in the simulator: one block of 4 warps, N <= 32; on a GPU the same tests run)."""
+"""The tensor-core FlashAttention kernel against the float64 reference, within the bound
+flashlab.precision.tensor_core_bound derives for its input format (in the simulator: one block of
+4 warps, N <= 32; on a GPU the same tests run)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from flashlab import naive_attention
 from flashlab.cuda.tensor_core import flash_attention_tc
-from flashlab.precision import DTYPES16, round_to
+from flashlab.precision import DTYPES16, round_to, tensor_core_bound
 from flashlab.tolerance import attention_bound, check_close
 
 
@@ -29,9 +30,10 @@ def test_tensor_core_kernel_matches_float64(n_q, n_k, d, causal, dtype, logit_si
     q16, k16, v16 = (round_to(x, dtype).astype(np.float64) for x in (q, k, v))  # the kernel's inputs
     o, lse = flash_attention_tc(q, k, v, causal=causal, return_lse=True, dtype=dtype)
     o_ref, lse_ref = naive_attention(q16, k16, v16, causal=causal, return_lse=True)
-    # the bound of the 16-bit format covers P and O rounded to it; S and the sums are float32 (tighter)
-    check_close(o, o_ref, attention_bound(q16, k16, v16, dtype=dtype), what="o")
-    check_close(lse, lse_ref, attention_bound(q16, k16, v16, dtype=dtype, quantity="lse"), what="lse")
+    check_close(o, o_ref, tensor_core_bound(q16, k16, v16, dtype, rounded_inputs=True), what="o")
+    check_close(o, naive_attention(q, k, v, causal=causal), tensor_core_bound(q, k, v, dtype), what="o")
+    # lse: S and the softmax are float32 computations on the rounded inputs
+    check_close(lse, lse_ref, attention_bound(q16, k16, v16, dtype="float32", quantity="lse"), what="lse")
 
 
 def test_leading_dims_and_float16_default():
@@ -40,7 +42,7 @@ def test_leading_dims_and_float16_default():
     o = flash_attention_tc(q, k, v)
     ref = naive_attention(*(x.astype(np.float64) for x in (q, k, v)))
     assert o.shape == (1, 9, 64)
-    check_close(o, ref, attention_bound(q, k, v, dtype="float16"))
+    check_close(o, ref, tensor_core_bound(q, k, v, "float16", rounded_inputs=True))
 
 
 def test_refuses_unsupported_head_dim_and_dtype():
