@@ -167,6 +167,36 @@ def quick() -> int:
     return 1 if failed else 0
 
 
+def plot_tflops(path=None):
+    """TFLOP/s against N from the CSV (non-causal; one panel per d), the bf16 tensor-core ceiling of
+    ``data/hardware.json`` dashed. Returns the figure, or ``None`` if the CSV does not exist."""
+    import csv
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from flashlab import hardware
+    from flashlab.bench.common import DATA
+
+    path = Path(path or DATA / f"{NAME}.csv")
+    if not path.exists():
+        return None
+    rows = [r for r in csv.DictReader(path.open()) if r.get("tflops") and r["causal"] == "False"]
+    dims = sorted({r["d"] for r in rows}, key=int)
+    fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 3.6), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], dims, strict=True):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((int(r["n"]), float(r["tflops"])) for r in rows if r["impl"] == impl and r["d"] == d)
+            if pts:
+                ax.plot([n for n, _ in pts], [t for _, t in pts], "o-", label=impl)
+        ax.axhline(
+            hardware.spec("H200")["bf16_dense_flops_per_s"] / 1e12, ls="--", color="k", label="bf16 peak"
+        )
+        ax.set(xscale="log", yscale="log", xlabel="N", ylabel="TFLOP/s", title=f"d = {d}, not causal")
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
 def parse(argv):
     p = argparse.ArgumentParser(
         prog="python -m flashlab.bench tensor-cores", description=__doc__.splitlines()[0]
