@@ -24,7 +24,9 @@ from functools import cache
 import numpy as np
 from numba import cuda, float32, uint32
 
+from flashlab import device
 from flashlab.cuda import ptx
+from flashlab.cuda._numba import simulate
 from flashlab.precision import DTYPES16, from_bits, to_bits
 
 HEAD_DIMS = (64, 128)
@@ -218,14 +220,18 @@ def compiled(d: int, causal: bool, dtype: str):
 
 
 def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str) -> None:
-    """Run the kernel on 3-d uint32 ``q, k, v (BH, N, d/2)`` into ``o``, ``lse`` (arrays of the mode)."""
+    """Run the kernel on 3-d uint32 ``q, k, v (BH, N, d/2)`` into ``o``, ``lse``: device arrays or CUDA
+    tensors on a GPU; NumPy arrays in the simulator (through ``_numba.simulate``, one block at a time)."""
     bh, n_q, w = q.shape
     n_k = k.shape[1]
-    if n_q:
-        grid = (math.ceil(n_q / ROWS), bh)
-        compiled(2 * w, causal, dtype)[grid, 32 * WARPS](
-            q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q
-        )
+    if not n_q:
+        return
+    grid = (math.ceil(n_q / ROWS), bh)
+    args = (q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q)
+    if device.MODE == "gpu":
+        compiled(2 * w, causal, dtype)[grid, 32 * WARPS](*args)
+    else:
+        simulate(kernel_source(2 * w, causal, dtype), grid, (32 * WARPS,), args)
 
 
 def _is_torch_cuda(x) -> bool:
@@ -260,10 +266,13 @@ def flash_attention_tc(q, k, v, *, causal=False, scale=None, return_lse=False, d
     ]
     o = np.zeros_like(words[0])
     lse = np.zeros(words[0].shape[:2], np.float32)
-    dev = [cuda.to_device(x) for x in (*words, o, lse)]
-    launch(*dev, a.scale, causal, dtype)
-    o_bits, lse = dev[3].copy_to_host(), dev[4].copy_to_host()
-    o = from_bits(o_bits.view(np.uint16), dtype).reshape(lead + (n_q, d))
+    if device.MODE == "gpu":
+        dev = [cuda.to_device(x) for x in (*words, o, lse)]
+        launch(*dev, a.scale, causal, dtype)
+        o, lse = dev[3].copy_to_host(), dev[4].copy_to_host()
+    else:
+        launch(*words, o, lse, a.scale, causal, dtype)
+    o = from_bits(o.view(np.uint16), dtype).reshape(lead + (n_q, d))
     lse = lse.reshape(lead + (n_q,))
     return (o, lse) if return_lse else o
 
