@@ -10,6 +10,7 @@ TARGETS = {
     "profile": "flashlab.bench.profile",
     "kernels": "flashlab.bench.kernels",
     "decode": "flashlab.bench.decode",
+    "tensor-cores": "flashlab.bench.tensor_core",
 }
 
 

@@ -1,0 +1,377 @@
+"""Tensor-core instructions for numba.cuda kernels, written as inline PTX, and their emulation.
+
+numba-cuda is in maintenance mode and has no ``wmma``/``mma`` API: inline PTX, emitted by a numba
+``@intrinsic`` through llvmlite's ``ir.InlineAsm``, is its only path to the tensor cores. Every such
+instruction the course uses lives in this one module, so moving to another toolchain is one file.
+
+On a GPU (``flashlab.device.MODE == "gpu"``) the public names below are those intrinsics. In numba's
+CUDA simulator, which runs every thread of a block as a Python thread, the same names are Python
+functions with the exact per-lane behaviour the PTX ISA specifies: each lane hands its registers to
+an exchange shared by the 32 lanes of its warp, the last lane to arrive computes the warp's result,
+and each lane takes its own registers back. So one kernel source runs in both places.
+
+``mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`` computes ``D = A B + C`` for a
+warp: A is 16x16, B 16x8, C and D 16x8. With ``g = lane >> 2`` (the group) and ``t = lane & 3``
+(the thread in the group), lane ``lane`` holds (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+floating point type"):
+
+- A: 4 registers of 32 bits, two 16-bit elements each, elements ``a0..a7`` (register ``i // 2``,
+  ``i % 2`` the low/high half): row ``g`` for ``a0, a1, a4, a5``, row ``g + 8`` otherwise;
+  column ``2t + (i & 1)``, plus 8 for ``i >= 4``.
+- B: 2 registers, elements ``b0..b3``: row ``2t + (i & 1)``, plus 8 for ``i >= 2``; column ``g``.
+- C, D: 4 float32 registers ``c0..c3``: row ``g``, plus 8 for ``i >= 2``; column ``2t + (i & 1)``.
+
+:func:`a_index`, :func:`b_index` and :func:`c_index` state these maps once; the emulation, the NumPy
+reference in the tests and the pictures in :mod:`flashlab.plots.fragments` all use them.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from flashlab import device
+from flashlab.precision import DTYPES16, from_bits, to_bits
+
+M, N, K = 16, 8, 16  # the mma shape: A is M x K, B is K x N, C and D are M x N
+WARP = 32
+#: 32-bit registers per lane for each operand
+REGISTERS = {"a": 4, "b": 2, "c": 4}
+
+
+# --------------------------------------------------------------------------------------------------
+# The fragment layouts: (lane, element) -> (row, col), from the PTX ISA
+# --------------------------------------------------------------------------------------------------
+
+
+def a_index(lane: int, i: int) -> tuple[int, int]:
+    """(row, col) in the 16x16 A of lane ``lane``'s element ``a_i`` (``i`` in 0..7; register i // 2)."""
+    g, t = lane >> 2, lane & 3
+    return g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >> 2)
+
+
+def b_index(lane: int, i: int) -> tuple[int, int]:
+    """(row, col) in the 16x8 B of lane ``lane``'s element ``b_i`` (``i`` in 0..3; register i // 2)."""
+    g, t = lane >> 2, lane & 3
+    return 2 * t + (i & 1) + 8 * (i >> 1), g
+
+
+def c_index(lane: int, i: int) -> tuple[int, int]:
+    """(row, col) in the 16x8 C (and D) of lane ``lane``'s float32 register ``c_i`` (``i`` in 0..3)."""
+    g, t = lane >> 2, lane & 3
+    return g + 8 * (i >> 1), 2 * t + (i & 1)
+
+
+INDEX = {"a": a_index, "b": b_index, "c": c_index}
+SHAPES = {"a": (M, K), "b": (K, N), "c": (M, N)}
+
+
+def index_table(which: str) -> tuple[np.ndarray, np.ndarray]:
+    """``rows, cols``, each ``(32, elements)``: where every lane's elements of ``which`` sit."""
+    if which not in INDEX:
+        raise ValueError(f"which: got {which!r}; use 'a', 'b' or 'c'")
+    elements = REGISTERS[which] * (2 if which != "c" else 1)
+    table = np.array([[INDEX[which](lane, i) for i in range(elements)] for lane in range(WARP)])
+    return table[..., 0], table[..., 1]
+
+
+_TABLES = {which: index_table(which) for which in INDEX}
+
+
+def fragments(matrix, which: str, dtype: str = "bfloat16") -> np.ndarray:
+    """Every lane's registers of ``matrix``: ``(32, 4)`` uint32 for ``"a"``, ``(32, 2)`` for ``"b"``
+    (16-bit values of ``dtype``, element ``2r`` in the low half of register ``r``), ``(32, 4)`` float32
+    for ``"c"``."""
+    m = np.asarray(matrix)
+    if m.shape != SHAPES[which]:
+        raise ValueError(f"matrix: {which} must be {SHAPES[which]}, got {m.shape}")
+    rows, cols = _TABLES[which]
+    if which == "c":
+        return m.astype(np.float32)[rows, cols]
+    bits = to_bits(m, dtype)[rows, cols].astype(np.uint32)
+    return bits[:, 0::2] | (bits[:, 1::2] << 16)
+
+
+def matrix(regs, which: str, dtype: str = "bfloat16") -> np.ndarray:
+    """The float32 matrix the warp's registers ``regs`` (as :func:`fragments` returns) hold."""
+    regs = np.asarray(regs)
+    rows, cols = _TABLES[which]
+    out = np.zeros(SHAPES[which], np.float32)
+    if which == "c":
+        out[rows, cols] = regs.astype(np.float32)
+        return out
+    r = regs.astype(np.uint32)
+    halves = np.stack([r & 0xFFFF, r >> 16], axis=-1).reshape(WARP, -1)
+    out[rows, cols] = from_bits(halves.astype(np.uint16), dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The warp exchange of the simulator
+# --------------------------------------------------------------------------------------------------
+
+
+class _Warp:
+    """32 lanes meet here: each leaves its registers, the last to arrive runs ``combine``."""
+
+    def __init__(self):
+        self.slots = [None] * WARP
+        self.combine = None
+        self.out = None
+        self.barrier = threading.Barrier(WARP, action=self._run, timeout=120)
+
+    def _run(self):
+        self.out = self.combine(self.slots)
+
+
+_WARPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # launch (block manager) -> warps
+_LOCK = threading.Lock()
+
+
+def _exchange(payload, combine):
+    """Hand ``payload`` to this lane's warp, wait for all 32 lanes, return ``combine(slots)[lane]``.
+
+    Must run inside a simulated kernel whose block has a multiple of 32 threads, all calling it.
+    """
+    thread = threading.current_thread()
+    if not hasattr(thread, "threadIdx"):
+        raise RuntimeError("flashlab.cuda.ptx: warp instructions run only inside a simulated kernel")
+    manager = thread._manager  # one per launch: warps of an aborted launch are never reused
+    lane, warp_id = thread.thread_id % WARP, thread.thread_id // WARP
+    with _LOCK:
+        warps = _WARPS.setdefault(manager, {})
+        warp = warps.setdefault((tuple(thread.blockIdx), warp_id), _Warp())
+    warp.slots[lane] = payload
+    warp.combine = combine
+    warp.barrier.wait()
+    return warp.out[lane]
+
+
+def _halves(word) -> tuple[int, int]:
+    w = int(word)
+    return w & 0xFFFF, w >> 16
+
+
+def _word(lo: int, hi: int) -> np.uint32:
+    return np.uint32(int(lo) | (int(hi) << 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Emulations (the simulator's implementation; their docstrings describe the instructions)
+# --------------------------------------------------------------------------------------------------
+
+
+def _mma_combine(dtype):
+    def combine(slots):
+        a = matrix([s[0:4] for s in slots], "a", dtype)
+        b = matrix([s[4:6] for s in slots], "b", dtype)
+        c = matrix([s[6:10] for s in slots], "c")
+        d = a @ b + c  # float32 products of 16-bit values, float32 sums
+        rows, cols = _TABLES["c"]
+        return [tuple(np.float32(x) for x in lane) for lane in d[rows, cols]]
+
+    return combine
+
+
+_COMBINE = {dtype: _mma_combine(dtype) for dtype in DTYPES16}
+
+
+def emulated_mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """``mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32``: ``D = A B + C`` for the warp.
+
+    Each lane passes its A registers ``a0..a3`` (uint32, two bf16 each), B registers ``b0, b1`` and
+    float32 accumulators ``c0..c3`` in the layout of the module docstring (:func:`a_index`,
+    :func:`b_index`, :func:`c_index`), and gets its four float32 registers of D back as a tuple.
+    All 32 lanes of the warp must call it together (``.sync.aligned``).
+    """
+    return _exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), _COMBINE["bfloat16"])
+
+
+def emulated_mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32``: as :func:`emulated_mma_bf16` with fp16
+    inputs (two IEEE half floats per register), float32 accumulation."""
+    return _exchange((a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), _COMBINE["float16"])
+
+
+def emulated_pack_bf16x2(lo, hi):
+    """``cvt.rn.bf16x2.f32 d, hi, lo``: two float32 values rounded to bf16 (nearest even) in one
+    32-bit register, ``lo`` in the low half (the element with the smaller column index)."""
+    return _word(to_bits(lo, "bfloat16"), to_bits(hi, "bfloat16"))
+
+
+def emulated_pack_f16x2(lo, hi):
+    """``cvt.rn.f16x2.f32 d, hi, lo``: as :func:`emulated_pack_bf16x2`, rounding to fp16."""
+    return _word(to_bits(lo, "float16"), to_bits(hi, "float16"))
+
+
+def _ldmatrix_combine(trans):
+    def combine(rows):  # rows[l]: the four 32-bit words (eight 16-bit elements) lane l points at
+        out = []
+        for lane in range(WARP):
+            g, t = lane >> 2, lane & 3
+            regs = []
+            for j in range(4):  # matrix j is rows[8 j .. 8 j + 7]
+                if trans:  # elements (2t, g) and (2t + 1, g) of matrix j
+                    lo = _halves(rows[8 * j + 2 * t][g >> 1])[g & 1]
+                    hi = _halves(rows[8 * j + 2 * t + 1][g >> 1])[g & 1]
+                    regs.append(_word(lo, hi))
+                else:  # elements (g, 2t) and (g, 2t + 1): one word of row g
+                    regs.append(np.uint32(rows[8 * j + g][t]))
+            out.append(tuple(regs))
+        return out
+
+    return combine
+
+
+_LDMATRIX = {False: _ldmatrix_combine(False), True: _ldmatrix_combine(True)}
+
+
+def emulated_ldmatrix_x4(smem, row, col):
+    """``ldmatrix.sync.aligned.m8n8.x4.shared.b16``: four 8x8 matrices of 16-bit elements from shared
+    memory into four registers per lane.
+
+    ``smem`` is a 2-d uint32 shared array (two 16-bit elements per word); lane ``l`` points at the
+    8-element row starting at word ``smem[row, col]`` (16-byte aligned): lanes ``8j .. 8j + 7`` give
+    the rows of matrix ``j``. Lane ``l`` receives, in register ``j``, elements ``(l >> 2, 2 (l & 3))``
+    and ``(l >> 2, 2 (l & 3) + 1)`` of matrix ``j``: the A/B fragment layout of ``mma``.
+    """
+    return _exchange(tuple(smem[row, col + w] for w in range(4)), _LDMATRIX[False])
+
+
+def emulated_ldmatrix_x4_trans(smem, row, col):
+    """``ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16``: as :func:`emulated_ldmatrix_x4`, each
+    matrix transposed: register ``j`` of lane ``l`` holds elements ``(2 (l & 3), l >> 2)`` and
+    ``(2 (l & 3) + 1, l >> 2)`` of matrix ``j``, the B fragment of a row-major K x N tile."""
+    return _exchange(tuple(smem[row, col + w] for w in range(4)), _LDMATRIX[True])
+
+
+def emulated_shfl_xor(value, lane_mask):
+    """``shfl.sync.bfly.b32 d, value, lane_mask, 0x1f, 0xffffffff``: the ``value`` of lane
+    ``lane ^ lane_mask``, all 32 lanes taking part."""
+    return _exchange((value, lane_mask), lambda s: [s[lane ^ s[lane][1]][0] for lane in range(WARP)])
+
+
+# --------------------------------------------------------------------------------------------------
+# The inline-PTX intrinsics (GPU)
+# --------------------------------------------------------------------------------------------------
+
+#: the PTX each intrinsic emits (operands ``$0..``: outputs first, then inputs)
+PTX = {
+    "mma_bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+    "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+    "mma_f16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+    "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+    "pack_bf16x2": "cvt.rn.bf16x2.f32 $0, $2, $1;",
+    "pack_f16x2": "cvt.rn.f16x2.f32 $0, $2, $1;",
+    "ldmatrix_x4": "{ .reg .u64 p; cvta.to.shared.u64 p, $4; "
+    "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [p]; }",
+    "ldmatrix_x4_trans": "{ .reg .u64 p; cvta.to.shared.u64 p, $4; "
+    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [p]; }",
+    "shfl_xor": "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+}
+
+
+def _intrinsics() -> dict:
+    """Build the numba intrinsics (imports numba's CUDA target: GPU mode only)."""
+    from llvmlite import ir
+    from numba.cuda import cgutils, types
+    from numba.cuda.extending import intrinsic
+
+    i32, f32 = ir.IntType(32), ir.FloatType()
+
+    def asm(builder, ret, args, text, constraints, side_effect=False):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
+
+    def four(context, builder, sig, res):
+        vals = [builder.extract_value(res, i) for i in range(4)]
+        return context.make_tuple(builder, sig.return_type, vals)
+
+    def make_mma(name):
+        def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.float32, 4)(*([types.uint32] * 6 + [types.float32] * 4))
+
+            def codegen(context, builder, sig, args):
+                ret = ir.LiteralStructType([f32] * 4)
+                constraints = "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f"
+                return four(context, builder, sig, asm(builder, ret, args, PTX[name], constraints))
+
+            return sig, codegen
+
+        return intrinsic(mma)
+
+    def make_pack(name):
+        def pack(typingctx, lo, hi):
+            sig = types.uint32(types.float32, types.float32)
+
+            def codegen(context, builder, sig, args):
+                return asm(builder, i32, args, PTX[name], "=r,f,f")
+
+            return sig, codegen
+
+        return intrinsic(pack)
+
+    def make_ldmatrix(name):
+        def ldmatrix(typingctx, smem, row, col):
+            sig = types.UniTuple(types.uint32, 4)(smem, types.intp, types.intp)
+
+            def codegen(context, builder, sig, args):
+                aryty = sig.args[0]
+                ary = context.make_array(aryty)(context, builder, args[0])
+                ptr = cgutils.get_item_pointer(context, builder, aryty, ary, args[1:], wraparound=False)
+                addr = builder.ptrtoint(ptr, ir.IntType(64))
+                ret = ir.LiteralStructType([i32] * 4)
+                res = asm(builder, ret, [addr], PTX[name], "=r,=r,=r,=r,l,~{memory}", side_effect=True)
+                return four(context, builder, sig, res)
+
+            return sig, codegen
+
+        return intrinsic(ldmatrix)
+
+    def shfl_xor(typingctx, value, lane_mask):
+        sig = types.float32(types.float32, types.int32)
+
+        def codegen(context, builder, sig, args):
+            return asm(builder, f32, args, PTX["shfl_xor"], "=f,f,r", side_effect=True)
+
+        return sig, codegen
+
+    built = {
+        "mma_bf16": make_mma("mma_bf16"),
+        "mma_f16": make_mma("mma_f16"),
+        "pack_bf16x2": make_pack("pack_bf16x2"),
+        "pack_f16x2": make_pack("pack_f16x2"),
+        "ldmatrix_x4": make_ldmatrix("ldmatrix_x4"),
+        "ldmatrix_x4_trans": make_ldmatrix("ldmatrix_x4_trans"),
+        "shfl_xor": intrinsic(shfl_xor),
+    }
+    for name, fn in built.items():
+        fn.__doc__ = _EMULATED[name].__doc__  # the instruction and its layout, stated once
+    return built
+
+
+_EMULATED = {
+    "mma_bf16": emulated_mma_bf16,
+    "mma_f16": emulated_mma_f16,
+    "pack_bf16x2": emulated_pack_bf16x2,
+    "pack_f16x2": emulated_pack_f16x2,
+    "ldmatrix_x4": emulated_ldmatrix_x4,
+    "ldmatrix_x4_trans": emulated_ldmatrix_x4_trans,
+    "shfl_xor": emulated_shfl_xor,
+}
+_IMPL = _intrinsics() if device.MODE == "gpu" else _EMULATED
+
+# the names kernels call: inline PTX on a GPU, the emulation above in the simulator
+mma_bf16 = _IMPL["mma_bf16"]
+mma_f16 = _IMPL["mma_f16"]
+pack_bf16x2 = _IMPL["pack_bf16x2"]
+pack_f16x2 = _IMPL["pack_f16x2"]
+ldmatrix_x4 = _IMPL["ldmatrix_x4"]
+ldmatrix_x4_trans = _IMPL["ldmatrix_x4_trans"]
+shfl_xor = _IMPL["shfl_xor"]
+
+#: per input dtype: the mma and the pack a kernel uses
+MMA = {"bfloat16": mma_bf16, "float16": mma_f16}
+PACK = {"bfloat16": pack_bf16x2, "float16": pack_f16x2}

@@ -1,0 +1,315 @@
+"""FlashAttention-2 forward on tensor cores: Q K^T and P V by ``mma.sync`` m16n8k16, bf16 or fp16 in.
+
+A block of 4 warps owns 64 query rows of one head (16 per warp, the M of one mma) and walks over
+64-key tiles of K and V staged in shared memory (the paper's SRAM). Per tile each warp computes its
+16 x 64 tile of S on the tensor cores (``d / 16`` mmas per 8 keys; K fragments by ``ldmatrix``),
+keeps the online-softmax state ``m, l`` and its 16 x d block of O in float32 registers (the C
+fragment layout), rounds P to 16 bits (the mma's input format) and multiplies it by V on the tensor
+cores (V fragments by ``ldmatrix.trans``). The C fragment of S is the A fragment of P, register for
+register, so P never leaves the registers. Rows are reduced across the 4 lanes that share them by
+``shfl.xor``. Causal masking is bottom-right (query ``i`` sees keys ``j <= i + N_k - N_q``); tiles
+past the diagonal are skipped; tail tiles are masked.
+
+Arguments (leading dims flattened into BH; 16-bit values travel as uint32 pairs, see
+:mod:`flashlab.precision`): ``q (BH, N_q, d/2)``, ``k, v (BH, N_k, d/2)`` uint32, ``o (BH, N_q, d/2)``
+uint32 (rounded to the input format), ``lse (BH, N_q)`` float32 (natural log), ``n_q, n_k``,
+``scale`` (float32), ``offset = N_k - N_q``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+from numba import cuda, float32, uint32
+
+from flashlab import device
+from flashlab.cuda import ptx
+from flashlab.cuda._numba import simulate
+from flashlab.precision import DTYPES16, from_bits, to_bits
+
+HEAD_DIMS = (64, 128)
+WARPS = 4
+ROWS = 16 * WARPS  # query rows per block
+KEYS = 64  # keys per K/V tile
+PAD = 8  # 16-bit elements of padding per shared row: 16-byte aligned rows, no bank conflicts
+LOG2E = np.float32(math.log2(math.e))
+LN2 = np.float32(math.log(2.0))
+NEG_INF = np.float32(-np.inf)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+
+@cache
+def kernel_source(d: int, causal: bool, dtype: str):
+    """The kernel for head dim ``d``, ``causal`` or not, inputs in ``dtype`` (bf16 or fp16)."""
+    if d not in HEAD_DIMS:
+        raise ValueError(f"d: the tensor-core kernel supports head dims {HEAD_DIMS}, got {d}")
+    if dtype not in DTYPES16:
+        raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
+    mma, pack = ptx.MMA[dtype], ptx.PACK[dtype]
+    ldsm, ldsm_t, shfl = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor
+    W, SW = d // 2, (d + PAD) // 2  # words per row in global and in shared memory
+    KS, NS, NO, PK = (
+        d // 16,
+        KEYS // 8,
+        d // 8,
+        KEYS // 16,
+    )  # k-steps of QK^T, S n-tiles, O n-tiles, PV k-steps
+    THREADS = 32 * WARPS
+
+    def flash_tc(q, k, v, o, lse, n_q, n_k, scale, offset):
+        bh = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        g = lane >> 2
+        t = lane & 3
+        r0 = cuda.blockIdx.x * ROWS + (tid >> 5) * 16  # this warp's first query row
+        row0 = r0 + g  # this lane's two rows: row0 and row0 + 8
+        ks = cuda.shared.array((KEYS, SW), uint32)
+        vs = cuda.shared.array((KEYS, SW), uint32)
+        qf = cuda.local.array((KS, 4), uint32)
+        s = cuda.local.array((NS, 4), float32)
+        acc = cuda.local.array((NO, 4), float32)
+        for kk in range(KS):  # Q's A fragments, kept in registers for the whole block
+            c0 = kk * 8 + t
+            qf[kk, 0] = q[bh, row0, c0] if row0 < n_q else uint32(0)
+            qf[kk, 1] = q[bh, row0 + 8, c0] if row0 + 8 < n_q else uint32(0)
+            qf[kk, 2] = q[bh, row0, c0 + 4] if row0 < n_q else uint32(0)
+            qf[kk, 3] = q[bh, row0 + 8, c0 + 4] if row0 + 8 < n_q else uint32(0)
+        for n in range(NO):
+            for i in range(4):
+                acc[n, i] = ZERO
+        m0 = NEG_INF
+        m1 = NEG_INF
+        l0 = ZERO
+        l1 = ZERO
+        c = scale * LOG2E  # exp(x) = exp2(x log2 e): S is kept in log2 units
+        block_last = min(cuda.blockIdx.x * ROWS + ROWS, n_q) - 1
+        n_keys = min(n_k, block_last + offset + 1) if causal else n_k
+        for j0 in range(0, n_keys, KEYS):
+            cuda.syncthreads()  # the previous tile is consumed
+            for idx in range(tid, KEYS * W, THREADS):
+                r = idx // W
+                w = idx - r * W
+                inside = j0 + r < n_k
+                ks[r, w] = k[bh, j0 + r, w] if inside else uint32(0)
+                vs[r, w] = v[bh, j0 + r, w] if inside else uint32(0)
+            cuda.syncthreads()
+            # S = Q K^T (Algorithm 1 line 9 / FA2 line 8), 8 keys per mma column block
+            for n in range(NS):
+                s[n, 0] = ZERO
+                s[n, 1] = ZERO
+                s[n, 2] = ZERO
+                s[n, 3] = ZERO
+                for kk in range(0, KS, 2):  # one ldmatrix.x4 feeds two k-steps
+                    b0, b1, b2, b3 = ldsm(ks, n * 8 + (lane & 7), kk * 8 + (lane >> 3) * 4)
+                    e = mma(
+                        qf[kk, 0], qf[kk, 1], qf[kk, 2], qf[kk, 3], b0, b1, s[n, 0], s[n, 1], s[n, 2], s[n, 3]
+                    )
+                    e = mma(
+                        qf[kk + 1, 0],
+                        qf[kk + 1, 1],
+                        qf[kk + 1, 2],
+                        qf[kk + 1, 3],
+                        b2,
+                        b3,
+                        e[0],
+                        e[1],
+                        e[2],
+                        e[3],
+                    )
+                    s[n, 0] = e[0]
+                    s[n, 1] = e[1]
+                    s[n, 2] = e[2]
+                    s[n, 3] = e[3]
+            # mask (tail keys, causal), scale, row max over this lane's 16 keys then its 4-lane group
+            masked = j0 + KEYS > n_k or (causal and j0 + KEYS - 1 > r0 + offset)
+            x0 = NEG_INF
+            x1 = NEG_INF
+            for n in range(NS):
+                for i in range(4):
+                    val = s[n, i] * c
+                    if masked:
+                        key = j0 + n * 8 + 2 * t + (i & 1)
+                        row = row0 + 8 * (i >> 1)
+                        if key >= n_k or (causal and key > row + offset):
+                            val = NEG_INF
+                    s[n, i] = val
+                x0 = max(x0, max(s[n, 0], s[n, 1]))
+                x1 = max(x1, max(s[n, 2], s[n, 3]))
+            x0 = max(x0, shfl(x0, 1))
+            x0 = max(x0, shfl(x0, 2))
+            x1 = max(x1, shfl(x1, 1))
+            x1 = max(x1, shfl(x1, 2))
+            mn0 = max(m0, x0)
+            mn1 = max(m1, x1)
+            base0 = mn0 if mn0 != NEG_INF else ZERO  # a row with no key yet: exp2(-inf - 0) = 0
+            base1 = mn1 if mn1 != NEG_INF else ZERO
+            alpha0 = math.exp2(m0 - base0)
+            alpha1 = math.exp2(m1 - base1)
+            m0 = mn0
+            m1 = mn1
+            l0 *= alpha0
+            l1 *= alpha1
+            for n in range(NS):  # P = exp2(S - m) (FA2 line 9), row sums from the float32 values
+                s[n, 0] = math.exp2(s[n, 0] - base0)
+                s[n, 1] = math.exp2(s[n, 1] - base0)
+                s[n, 2] = math.exp2(s[n, 2] - base1)
+                s[n, 3] = math.exp2(s[n, 3] - base1)
+                l0 += s[n, 0] + s[n, 1]
+                l1 += s[n, 2] + s[n, 3]
+            for n in range(NO):
+                acc[n, 0] *= alpha0
+                acc[n, 1] *= alpha0
+                acc[n, 2] *= alpha1
+                acc[n, 3] *= alpha1
+            # O += P V (FA2 line 10): P rounded to 16 bits, S's C fragments are P's A fragments
+            for kk in range(PK):
+                a0 = pack(s[2 * kk, 0], s[2 * kk, 1])
+                a1 = pack(s[2 * kk, 2], s[2 * kk, 3])
+                a2 = pack(s[2 * kk + 1, 0], s[2 * kk + 1, 1])
+                a3 = pack(s[2 * kk + 1, 2], s[2 * kk + 1, 3])
+                for n in range(0, NO, 2):  # one ldmatrix.x4.trans feeds two 8-column blocks of O
+                    jm = lane >> 3
+                    b0, b1, b2, b3 = ldsm_t(vs, kk * 16 + (jm & 1) * 8 + (lane & 7), n * 4 + (jm >> 1) * 4)
+                    e = mma(a0, a1, a2, a3, b0, b1, acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+                    acc[n, 0] = e[0]
+                    acc[n, 1] = e[1]
+                    acc[n, 2] = e[2]
+                    acc[n, 3] = e[3]
+                    e = mma(
+                        a0, a1, a2, a3, b2, b3, acc[n + 1, 0], acc[n + 1, 1], acc[n + 1, 2], acc[n + 1, 3]
+                    )
+                    acc[n + 1, 0] = e[0]
+                    acc[n + 1, 1] = e[1]
+                    acc[n + 1, 2] = e[2]
+                    acc[n + 1, 3] = e[3]
+        # the row sums: each lane held 16 of every 64 keys' weights
+        l0 += shfl(l0, 1)
+        l0 += shfl(l0, 2)
+        l1 += shfl(l1, 1)
+        l1 += shfl(l1, 2)
+        inv0 = ONE / l0 if l0 > ZERO else ZERO  # a row that sees no key: o = 0, lse = -inf
+        inv1 = ONE / l1 if l1 > ZERO else ZERO
+        for n in range(NO):
+            w0 = n * 4 + t
+            word0 = pack(acc[n, 0] * inv0, acc[n, 1] * inv0)
+            word1 = pack(acc[n, 2] * inv1, acc[n, 3] * inv1)
+            if row0 < n_q:
+                o[bh, row0, w0] = word0
+            if row0 + 8 < n_q:
+                o[bh, row0 + 8, w0] = word1
+        if t == 0:
+            if row0 < n_q:
+                lse[bh, row0] = (m0 + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
+            if row0 + 8 < n_q:
+                lse[bh, row0 + 8] = (m1 + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
+
+    return flash_tc
+
+
+@cache
+def compiled(d: int, causal: bool, dtype: str):
+    """:func:`kernel_source` compiled by ``numba.cuda.jit`` for the argument types of the first call.
+
+    No fast math: it would let the compiler assume no infinities, and ``-inf`` marks masked scores.
+    """
+    return cuda.jit(kernel_source(d, causal, dtype))
+
+
+def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str) -> None:
+    """Run the kernel on 3-d uint32 ``q, k, v (BH, N, d/2)`` into ``o``, ``lse``: device arrays or CUDA
+    tensors on a GPU; NumPy arrays in the simulator (through ``_numba.simulate``, one block at a time)."""
+    bh, n_q, w = q.shape
+    n_k = k.shape[1]
+    if not n_q:
+        return
+    grid = (math.ceil(n_q / ROWS), bh)
+    args = (q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q)
+    if device.MODE == "gpu":
+        compiled(2 * w, causal, dtype)[grid, 32 * WARPS](*args)
+    else:
+        simulate(kernel_source(2 * w, causal, dtype), grid, (32 * WARPS,), args)
+
+
+def _is_torch_cuda(x) -> bool:
+    return hasattr(x, "is_cuda") and bool(getattr(x, "is_cuda", False))
+
+
+def flash_attention_tc(q, k, v, *, causal=False, scale=None, return_lse=False, dtype=None):
+    """FlashAttention-2 forward on tensor cores: ``o (..., N_q, d)`` (and ``lse (..., N_q)``).
+
+    NumPy arrays (simulator or GPU) are rounded to ``dtype`` (``"bfloat16"`` or ``"float16"``;
+    default: float16 arrays stay float16, anything else becomes bfloat16); ``o`` comes back float32
+    holding 16-bit values. Torch CUDA tensors must be bfloat16 or float16 (``dtype`` is theirs) and
+    ``o`` is a tensor of that dtype. d in {64, 128}, any N_q, N_k; ``causal`` is bottom-right.
+    """
+    if _is_torch_cuda(q):
+        return _torch_tc(q, k, v, causal, scale, return_lse)
+    from flashlab.inputs import attention_inputs
+
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    if dtype is None:
+        dtype = "float16" if q.dtype == np.float16 else "bfloat16"
+    if dtype not in DTYPES16:
+        raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
+    a = attention_inputs(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale)
+    d = a.q.shape[-1]
+    if d not in HEAD_DIMS or a.v.shape[-1] != d:
+        raise ValueError(f"q, v: head dims must both be one of {HEAD_DIMS}, got d={d}, d_v={a.v.shape[-1]}")
+    lead, n_q = a.q.shape[:-2], a.q.shape[-2]
+    words = [
+        np.ascontiguousarray(to_bits(x, dtype).reshape(-1, x.shape[-2], d)).view(np.uint32)
+        for x in (a.q, a.k, a.v)
+    ]
+    o = np.zeros_like(words[0])
+    lse = np.zeros(words[0].shape[:2], np.float32)
+    if device.MODE == "gpu":
+        dev = [cuda.to_device(x) for x in (*words, o, lse)]
+        launch(*dev, a.scale, causal, dtype)
+        o, lse = dev[3].copy_to_host(), dev[4].copy_to_host()
+    else:
+        launch(*words, o, lse, a.scale, causal, dtype)
+    o = from_bits(o.view(np.uint16), dtype).reshape(lead + (n_q, d))
+    lse = lse.reshape(lead + (n_q,))
+    return (o, lse) if return_lse else o
+
+
+def _torch_launch(q3, k3, v3, o, lse, scale: float, causal: bool) -> None:
+    """Launch on contiguous 3-d bf16/fp16 CUDA tensors ``q3, k3, v3, o`` and float32 ``lse``, in place."""
+    import torch
+
+    def words(x):
+        return cuda.as_cuda_array(x.view(torch.int32)).view(np.uint32)
+
+    dtype = "bfloat16" if q3.dtype == torch.bfloat16 else "float16"
+    launch(words(q3), words(k3), words(v3), words(o), cuda.as_cuda_array(lse), scale, causal, dtype)
+
+
+def _torch_tc(q, k, v, causal, scale, return_lse):
+    """Torch CUDA tensors (bf16/fp16) in place, viewed as uint32 pairs."""
+    import torch
+
+    names = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if q.dtype not in names:
+        raise ValueError(f"q: torch tensors must be bfloat16 or float16, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if not _is_torch_cuda(x) or x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name}: must be a {q.dtype} CUDA tensor on {q.device} like q")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS or v.shape[-1] != d or k.shape[-1] != d:
+        raise ValueError(
+            f"q, k, v: head dims must all be one of {HEAD_DIMS}, "
+            f"got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}"
+        )
+    lead, n_q = tuple(q.shape[:-2]), q.shape[-2]
+    q3, k3, v3 = (x.reshape(-1, x.shape[-2], d).contiguous() for x in (q, k, v))
+    if k3.shape[0] != q3.shape[0]:
+        raise ValueError(f"k: leading dims {tuple(k.shape[:-2])} must equal q's {lead}")
+    o = torch.empty_like(q3)
+    lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q.device)
+    _torch_launch(q3, k3, v3, o, lse, 1 / math.sqrt(d) if scale is None else float(scale), causal)
+    o, lse = o.reshape(lead + (n_q, d)), lse.reshape(lead + (n_q,))
+    return (o, lse) if return_lse else o

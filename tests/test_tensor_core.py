@@ -1,0 +1,54 @@
+"""The tensor-core FlashAttention kernel against the float64 reference, within the bound
+flashlab.precision.tensor_core_bound derives for its input format (in the simulator: one block of
+4 warps, N <= 32; on a GPU the same tests run)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashlab import naive_attention
+from flashlab.cuda.tensor_core import flash_attention_tc
+from flashlab.precision import DTYPES16, round_to, tensor_core_bound
+from flashlab.tolerance import attention_bound, check_close
+
+
+@settings(max_examples=4)
+@given(
+    n_q=st.integers(1, 32),
+    n_k=st.integers(1, 32),
+    d=st.sampled_from([64, 128]),
+    causal=st.booleans(),
+    dtype=st.sampled_from(DTYPES16),
+    logit_size=st.sampled_from([0.5, 1.0, 4.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_tensor_core_kernel_matches_float64(n_q, n_k, d, causal, dtype, logit_size, seed):
+    rng = np.random.default_rng(seed)
+    q = logit_size * rng.standard_normal((n_q, d))
+    k, v = rng.standard_normal((n_k, d)), rng.standard_normal((n_k, d))
+    q16, k16, v16 = (round_to(x, dtype).astype(np.float64) for x in (q, k, v))  # the kernel's inputs
+    o, lse = flash_attention_tc(q, k, v, causal=causal, return_lse=True, dtype=dtype)
+    o_ref, lse_ref = naive_attention(q16, k16, v16, causal=causal, return_lse=True)
+    check_close(o, o_ref, tensor_core_bound(q16, k16, v16, dtype, rounded_inputs=True), what="o")
+    check_close(o, naive_attention(q, k, v, causal=causal), tensor_core_bound(q, k, v, dtype), what="o")
+    # lse: S and the softmax are float32 computations on the rounded inputs
+    check_close(lse, lse_ref, attention_bound(q16, k16, v16, dtype="float32", quantity="lse"), what="lse")
+
+
+def test_leading_dims_and_float16_default():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 9, 64)).astype(np.float16) for _ in range(3))
+    o = flash_attention_tc(q, k, v)
+    ref = naive_attention(*(x.astype(np.float64) for x in (q, k, v)))
+    assert o.shape == (1, 9, 64)
+    check_close(o, ref, tensor_core_bound(q, k, v, "float16", rounded_inputs=True))
+
+
+def test_refuses_unsupported_head_dim_and_dtype():
+    x = np.zeros((4, 32))
+    with pytest.raises(ValueError, match="head dims"):
+        flash_attention_tc(x, x, x)
+    y = np.zeros((4, 64))
+    with pytest.raises(ValueError, match="dtype"):
+        flash_attention_tc(y, y, y, dtype="float32")
