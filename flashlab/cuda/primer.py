@@ -283,7 +283,7 @@ class TileOwners(NamedTuple):
 
 
 def register_tiled_owners(d: int = 16, seed: int = 0, **tiles) -> TileOwners:
-    """Run :func:`flashlab.kernels.register_tiled_source` on one tile (``N_q = rows``, ``N_k = keys``)
+    """Run :func:`flashlab.cuda.forward.register_tiled_source` on one tile (``N_q = rows``, ``N_k = keys``)
     over recorded arrays; tiny defaults (16 threads) keep the simulator quick."""
     from flashlab.cuda.forward import register_layout
     from flashlab.cuda.registry import make_kernel
