@@ -350,3 +350,14 @@ def test_every_kernel_log_variant_is_built_by_the_registry():
                     continue
                 spec = make_kernel(kernel, d, causal, **tiles, **options)
                 assert spec.block[0] <= 1024 and spec.shared_bytes <= 227 * 1024, label
+
+
+def test_whole_kernel_exercise_accepts_the_solution_and_names_wrong_kernels():
+    from flashlab.cuda.forward import rowwise_source
+    from flashlab.exercises.kernels import KEYS, ROWS
+
+    assert check("rowwise_kernel", rowwise_source(16, ROWS, KEYS, False)) is True
+    with pytest.raises(Mistake, match="carry over from one K/V tile"):
+        check("rowwise_kernel", rowwise_source(16, ROWS, KEYS, False, key_step=_no_rescale))
+    with pytest.raises(Mistake, match="differs from naive attention|OverflowError"):
+        check("rowwise_kernel", rowwise_source(16, ROWS, KEYS, False, key_step=_no_max))

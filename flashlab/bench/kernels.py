@@ -83,6 +83,19 @@ def _count(ops: list[str]) -> dict:
     return counts | {"instructions": len(ops)}
 
 
+PASSES_SERVED = 1 / 4  # shared-memory passes per warp-wide FMA instruction a multiprocessor serves per clock
+
+
+def passes_per_fma(tm: int, tn: int, g: int, unroll: int, d: int = 64) -> float:
+    """Shared-memory passes per warp-wide FMA of register_tiled's two loops (S = Q K^T, O += P V): the g
+    threads of a row read the same Q (P) numbers (a broadcast, one pass) and g different K rows (V
+    columns), one pass per 128 bytes; ``unroll`` (S loop) and ``min(4, d/g)`` (PV loop) numbers per load."""
+    td, w = d // g, min(4, d // g)
+    s_loop = (tm + tn * max(1, g * unroll / 32)) / unroll
+    pv_loop = tm / unroll + td / w * max(1, g * w / 32)
+    return (s_loop / (tm * tn) + pv_loop / (tm * td)) / 2
+
+
 def mean_tflops(log: list[dict], version: str, *, n=4096, d=64, causal=False, tiles=None) -> float | None:
     """Mean TFLOP/s of the log's rows of one variant and shape (over passes); None if not measured."""
     hits = [
@@ -217,7 +230,9 @@ def main(argv: list[str]) -> int:
     }
     path = write_results(args.out, rows, meta)
     sass = {
-        label: sass_of(kernel, tiles, options, 64, False) for label, kernel, tiles, options in variants[:-1]
+        label: sass_of(kernel, tiles, options, 64, False)
+        for label, kernel, tiles, options in variants
+        if kernel not in gpu.RUNNERS  # torch's kernels: not ours to disassemble
     }
     sass_meta = provenance() | {"what": sass_counts.__doc__.split("\n\n")[0], "shape": "d = 64, no mask"}
     (DATA / f"{args.sass_out}.json").write_text(json.dumps({"provenance": sass_meta} | sass, indent=1) + "\n")

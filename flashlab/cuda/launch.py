@@ -51,7 +51,9 @@ def device_function(fn):
     return cuda.jit(device=True)(fn)
 
 
-def kernel_spec(name: str, d: int, causal: bool, tiles: Mapping | None = None, **options) -> KernelSpec:
+def kernel_spec(
+    name: str, d: int, causal: bool = False, tiles: Mapping | None = None, **options
+) -> KernelSpec:
     """The spec of registry kernel ``name`` for where kernels run now (GPU: helpers as device functions).
 
     ``options``: the entry's extra keywords (rowwise ``key_step``, register_tiled ``index``)."""

@@ -1,4 +1,4 @@
-"""Chapter 4 exercise: the inner loop of the ``rowwise`` kernel, checked in the CUDA simulator.
+"""Chapter 4 exercises, checked in the CUDA simulator: the inner loop of ``rowwise``, then the whole kernel.
 
 The learner writes ``key_step(q_row, k_tile, v_tile, jj, scale, m, l, acc) -> (m, l)``: the body
 of the kernel's loop over the keys of one staged K/V tile (score, online-softmax update,
@@ -6,6 +6,11 @@ accumulate). The checker builds the real ``rowwise`` kernel around it
 (:func:`flashlab.cuda.registry.make_kernel` with ``key_step=``), runs it in numba's simulator on cases
 that catch the usual mistakes, and compares with :func:`flashlab.naive_attention`. The solution is
 the course's own :func:`flashlab.cuda.forward.rowwise_key_step`.
+
+The second exercise, ``rowwise_kernel``, is the whole kernel: ``kernel(q, k, v, o, lse, n_q, n_k,
+scale, offset)`` with :data:`ROWS` threads per block and :data:`KEYS` keys per staged tile (no mask),
+launched by the course's own launcher (:func:`run_kernel`) on cases that catch the usual mistakes
+(online softmax across tiles, overflow, a half-empty last tile, threads without a row, several heads).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import numpy as np
 from flashlab.attention import naive_attention
 from flashlab.check import Mistake, exercise, expect
 from flashlab.cuda import launch
-from flashlab.cuda.forward import rowwise_key_step
+from flashlab.cuda.forward import rowwise_key_step, rowwise_source
 from flashlab.cuda.registry import make_kernel
+from flashlab.tolerance import attention_bound, check_close
 
 D = 16
 TILES = {"rows": 4, "keys": 4}
@@ -116,3 +122,73 @@ exercise(
     title="the rowwise kernel's inner loop (one key: score, online softmax, accumulate)",
     solution=rowwise_key_step,
 )(_check_rowwise_step)
+
+
+# --- the whole kernel: rowwise, written by the learner ---------------------------------------------
+ROWS, KEYS = 4, 4  # the learner's kernel: ROWS threads per block (one query row each), KEYS keys per tile
+
+
+def run_kernel(kernel, q, k, v, scale=0.25):
+    """The learner's ``kernel(q, k, v, o, lse, n_q, n_k, scale, offset)`` (no mask) on 3-d ``(heads, N, D)``
+    arrays in the simulator: grid ``(ceil(N_q / ROWS), heads)``, ``ROWS`` threads. Returns ``(o, lse)``."""
+    from flashlab.cuda.forward import PARAMS, SIGNATURE, query_grid
+    from flashlab.cuda.spec import KernelSpec
+
+    heads, n_q, _ = q.shape
+    spec = KernelSpec(
+        "your kernel", D, False, kernel, PARAMS, query_grid(ROWS), (ROWS,), 0, SIGNATURE,
+        (("rows", ROWS), ("keys", KEYS)), "sim",
+    )  # fmt: skip
+    o = np.full(q.shape, np.nan, np.float32)
+    lse = np.full((heads, n_q), np.nan, np.float32)
+    arrays = {name: np.ascontiguousarray(x, np.float32) for name, x in (("q", q), ("k", k), ("v", v))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        launch.run(spec, launch.forward_args(arrays, o, lse, scale))
+    return o, lse
+
+
+KERNEL_CASES = [  # (what, heads, n_q, n_k, spread, hint when wrong)
+    ("one head, whole tiles (N_q = 4, N_k = 8)", 1, 4, 8, 1.0,
+     "check the online softmax across tiles: m, l and acc carry over from one K/V tile to the next"),
+    ("large scores (about 1e3)", 1, 4, 8, 30.0,
+     "exp overflowed: use exp(s - m_new) and exp(m - m_new), never exp(s)"),
+    ("N_k = 6: the last K/V tile is half empty", 1, 4, 6, 1.0,
+     "the last tile holds N_k - j0 keys: stage only rows j0 + jj < n_k and stop the key loop there"),
+    ("N_q = 6: the second block's last threads have no query row", 1, 6, 8, 1.0,
+     "a thread with i >= n_q must still stage its share of K/V and meet the barriers, but read no q row "
+     "and write no output"),
+    ("two heads", 2, 4, 8, 1.0, "the head is cuda.blockIdx.y: index q, k, v, o, lse by it"),
+]  # fmt: skip
+
+
+def _check_whole_kernel(kernel) -> None:
+    rng = np.random.default_rng(8)
+    for what, heads, n_q, n_k, spread, hint in KERNEL_CASES:
+        q = (rng.standard_normal((heads, n_q, D)) * spread).astype(np.float32)
+        k = (rng.standard_normal((heads, n_k, D)) * spread).astype(np.float32)
+        v = rng.standard_normal((heads, n_k, D)).astype(np.float32)
+        try:
+            o, lse = run_kernel(kernel, q, k, v)
+        except IndexError as e:
+            raise Mistake(f"{what}: an index past the end of an array ({e}). Hint: {hint}") from None
+        except OverflowError:
+            raise Mistake(f"{what}: OverflowError in exp. Hint: {KERNEL_CASES[1][-1]}") from None
+        want_o, want_lse = naive_attention(
+            *(x.astype(np.float64) for x in (q, k, v)), scale=0.25, return_lse=True
+        )
+        expect(np.all(np.isfinite(o)), f"{what}: some outputs are not finite or never written. Hint: {hint}")
+        bound = attention_bound(q, k, v, dtype=np.float32, scale=0.25)
+        try:
+            check_close(o, want_o, bound, what="o")
+            check_close(lse, want_lse, attention_bound(q, k, v, dtype=np.float32, scale=0.25, quantity="lse"))
+        except AssertionError:
+            raise Mistake(f"{what}: o or lse differs from naive attention. Hint: {hint}") from None
+
+
+exercise(
+    "rowwise_kernel",
+    chapter=4,
+    title="the whole rowwise kernel: stage K/V tiles in shared memory, online softmax per thread",
+    solution=rowwise_source(D, ROWS, KEYS, False),
+)(_check_whole_kernel)
