@@ -13,6 +13,7 @@ from flashlab.inputs import causal_mask
 from flashlab.memory import MemoryModel
 from flashlab.tiles import (
     block_range,
+    coverage,
     first_row_block,
     last_col_block,
     n_blocks,
@@ -303,3 +304,23 @@ def test_bad_workers_are_explained(kwargs, words):
     x = np.ones((4, 2))
     with pytest.raises(ValueError, match=words):
         flash_attention(x, x, x, **kwargs)
+
+
+@given(
+    st.integers(1, 20),
+    st.integers(1, 20),
+    st.integers(1, 7),
+    st.integers(1, 7),
+    st.booleans(),
+    st.sampled_from(["fa1", "fa2"]),
+)
+def test_the_trace_covers_each_visible_score_exactly_once(n_q, n_k, block_q, block_k, causal, loop_order):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((n_q, 3)), rng.standard_normal((n_k, 3)), rng.standard_normal((n_k, 2))
+    trace = []
+    flash_attention(
+        q, k, v, block_q=block_q, block_k=block_k, causal=causal, loop_order=loop_order, trace=trace
+    )
+    seen = coverage(trace, n_q, n_k)
+    visible = causal_mask(n_q, n_k) if causal else np.ones((n_q, n_k), bool)
+    assert np.all(seen[visible] == 1) and np.all(seen <= 1)  # masked entries of computed tiles count once too

@@ -192,3 +192,22 @@ def draw_roofline(
 
 def _colors(n: int) -> list:
     return [matplotlib.colormaps["tab10"](i % 10) for i in range(n)]
+
+
+def extra_memory_and_flops(ns, extra: dict[str, np.ndarray], flops, d: int):
+    """Two panels against ``N``: the extra memory (elements) of each algorithm in ``extra`` and the
+    FLOPs they share (``flops``, one array). Returns the figure; legends sit outside the data."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for (label, values), marker in zip(extra.items(), "os^v", strict=False):
+        left.loglog(ns, values, marker + "-", label=label)
+    left.set(xlabel="sequence length N", ylabel="extra memory (elements)", title="O(N^2) against O(N)")
+    right.loglog(ns, flops, "^-", color="k", label="both: 4 N^2 d")
+    right.set(xlabel="sequence length N", ylabel="FLOPs", title=f"the same arithmetic (d = {d})")
+    for ax in (left, right):
+        ax.set_xticks(ns, [f"{n:.0f}" for n in ns])
+        ax.minorticks_off()
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
