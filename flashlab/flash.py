@@ -4,9 +4,10 @@ Both loop orders walk the tile schedule of :mod:`flashlab.tiles` and never form 
 ``N_q x N_k`` array: at any time only one ``B_r x B_c`` tile of scores is alive ("on chip").
 Each tile is vectorised over the leading (batch, head) dims.
 
-``memory`` (a :class:`flashlab.memory.MemoryModel`) is told, at tile granularity, every HBM read
-and write and every tile held on chip, following the paper's lines literally, so that a counted run
-is the algorithm itself. Counting conventions (chapter 3's closed forms rely on them):
+``memory`` (a :class:`flashlab.memory.MemoryModel`) wraps the HBM tensors (Q, K, V, O, l, m, lse):
+every slice the loops take or assign is counted by the wrapper, so the HBM traffic is observed, not
+declared; the tiles held on chip are declared (``hold``/``free``). What the counts come to (chapter
+3's closed forms rely on it):
 
 - FA1 (Algorithm 1): line 2 (initialise ``O = 0, l = 0, m = -inf`` in HBM) is **not** counted;
   line 6 reads ``K_j, V_j``; line 8 reads ``Q_i, O_i, l_i, m_i``; lines 12-13 write
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flashlab.inputs import attention_inputs, check_block
+from flashlab.memory import hbm, host
 from flashlab.tiles import (
     block_range,
     check_loop_order,
@@ -107,6 +109,7 @@ def flash_attention(
     n_q, d_v = a.q.shape[-2], a.v.shape[-1]
     # Leading dims flattened to one batch axis B: every tile op below is one call over all of B.
     q3, k3, v3 = (x.reshape((math.prod(batch),) + x.shape[-2:]) for x in (a.q, a.k, a.v))
+    q3, k3, v3 = hbm(memory, "Q", q3), hbm(memory, "K", k3), hbm(memory, "V", v3)  # slices counted
     o, lse = run(q3, k3, v3, a.scale, block_q, block_k, causal, memory, trace, batch)
     o = o.reshape(batch + (n_q, d_v)).astype(a.out_dtype, copy=False)
     return (o, lse.reshape(batch + (n_q,))) if return_lse else o
@@ -144,16 +147,14 @@ def _fa1(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
     """Algorithm 1 of FlashAttention (Dao et al., 2022), line by line, on flat ``(B, N, d)`` arrays."""
     n_b, n_q, n_k, d_v = q.shape[0], q.shape[1], k.shape[1], v.shape[2]
     # Line 2: O = 0, l = 0, m = -inf "in HBM" (not counted as traffic, see the module docstring).
-    o = np.zeros((n_b, n_q, d_v), q.dtype)
-    l_hbm = np.zeros((n_b, n_q), q.dtype)
-    m_hbm = np.full((n_b, n_q), -np.inf, q.dtype)
+    o = hbm(memory, "O", np.zeros((n_b, n_q, d_v), q.dtype))
+    l_hbm = hbm(memory, "l", np.zeros((n_b, n_q), q.dtype))
+    m_hbm = hbm(memory, "m", np.full((n_b, n_q), -np.inf, q.dtype))
     t_r, t_c = n_blocks(n_q, block_q), n_blocks(n_k, block_k)
     for j in range(t_c):  # line 5
         c0, c1 = block_range(j, block_k, n_k)
-        k_j, v_j = k[:, c0:c1], v[:, c0:c1]
-        if memory is not None:  # line 6: load K_j, V_j from HBM to SRAM
-            memory.read("K", k_j)
-            memory.read("V", v_j)
+        k_j, v_j = k[:, c0:c1], v[:, c0:c1]  # line 6: load K_j, V_j from HBM to SRAM
+        if memory is not None:
             memory.hold("K", k_j)
             memory.hold("V", v_j)
         first = first_row_block(j, n_q, n_k, block_q, block_k, causal)
@@ -163,10 +164,10 @@ def _fa1(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
                     _record(trace, "fa1", i, j, block_q, block_k, n_q, n_k, batch)
                 continue
             r0, r1 = block_range(i, block_q, n_q)
+            # line 8: load Q_i, O_i, l_i, m_i from HBM to SRAM
             q_i, o_i, l_i, m_i = q[:, r0:r1], o[:, r0:r1], l_hbm[:, r0:r1], m_hbm[:, r0:r1]
-            if memory is not None:  # line 8: load Q_i, O_i, l_i, m_i from HBM to SRAM
+            if memory is not None:
                 for name, tile in (("Q", q_i), ("O", o_i), ("l", l_i), ("m", m_i)):
-                    memory.read(name, tile)
                     memory.hold(name, tile)
             s = q_i @ np.swapaxes(k_j, 1, 2)  # line 9: S_ij = tau Q_i K_j^T
             s *= scale
@@ -189,18 +190,16 @@ def _fa1(q, k, v, scale, block_q, block_k, causal, memory, trace, batch):
             l_new = alpha * l_i + beta * l_t
             # Line 12: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~ - m_new) P~ V_j).
             num = (alpha * l_i)[:, :, None] * o_i + beta[:, :, None] * (p @ v_j)
-            o[:, r0:r1] = num / np.where(l_new > 0, l_new, 1.0)[:, :, None]
-            l_hbm[:, r0:r1], m_hbm[:, r0:r1] = l_new, m_new  # line 13
-            if memory is not None:  # lines 12-13: write O_i, l_i, m_i to HBM
-                memory.write("O", o[:, r0:r1])
-                memory.write("l", l_new)
-                memory.write("m", m_new)
+            o_new = num / np.where(l_new > 0, l_new, 1.0)[:, :, None]
+            o[:, r0:r1] = o_new  # lines 12-13: write O_i, l_i, m_i to HBM
+            l_hbm[:, r0:r1], m_hbm[:, r0:r1] = l_new, m_new
+            if memory is not None:
                 memory.free("Q", "O", "l", "m", "P")
             if trace is not None:
-                _record(trace, "fa1", i, j, block_q, block_k, n_q, n_k, batch, m_new, l_new, o[:, r0:r1])
+                _record(trace, "fa1", i, j, block_q, block_k, n_q, n_k, batch, m_new, l_new, o_new)
         if memory is not None:
             memory.free("K", "V")
-    return o, _lse(m_hbm, l_hbm)
+    return host(o), _lse(host(m_hbm), host(l_hbm))
 
 
 def _fa2(q, k, v, scale, block_q, block_k, causal, memory, trace, batch, workers=1):
@@ -211,8 +210,8 @@ def _fa2(q, k, v, scale, block_q, block_k, causal, memory, trace, batch, workers
     them on that many threads (NumPy releases the GIL inside its array operations).
     """
     n_b, n_q, d_v = q.shape[0], q.shape[1], v.shape[2]
-    o = np.empty((n_b, n_q, d_v), q.dtype)
-    lse = np.empty((n_b, n_q), q.dtype)
+    o = hbm(memory, "O", np.empty((n_b, n_q, d_v), q.dtype))
+    lse = hbm(memory, "lse", np.empty((n_b, n_q), q.dtype))
     query_block = partial(
         _fa2_query_block, q, k, v, o, lse, scale, block_q, block_k, causal, memory, trace, batch
     )
@@ -224,7 +223,7 @@ def _fa2(q, k, v, scale, block_q, block_k, causal, memory, trace, batch, workers
         with ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(query_block, range(t_r)):  # re-raises a worker's exception
                 pass
-    return o, lse
+    return host(o), host(lse)
 
 
 def _fa2_query_block(q, k, v, o, lse, scale, block_q, block_k, causal, memory, trace, batch, i):
@@ -246,9 +245,8 @@ def _fa2_query_block(q, k, v, o, lse, scale, block_q, block_k, causal, memory, t
     # Rows that see no key at all (causal, N_q > N_k) keep m = -inf: exp needs a safe max.
     dead_rows = causal and r0 + n_k - n_q < 0
     if last >= 0:
-        q_i = q[:, r0:r1]
-        if memory is not None:  # load Q_i from HBM to SRAM
-            memory.read("Q", q_i)
+        q_i = q[:, r0:r1]  # load Q_i from HBM to SRAM
+        if memory is not None:
             memory.hold("Q", q_i)
         q_i = q_i * scale
         acc = np.zeros((n_b, rows, d_v), q.dtype)
@@ -262,10 +260,8 @@ def _fa2_query_block(q, k, v, o, lse, scale, block_q, block_k, causal, memory, t
         pv = np.empty((n_b, rows, d_v), q.dtype)
     for j in range(last + 1):
         c0, c1 = block_range(j, block_k, n_k)
-        k_j, v_j = k[:, c0:c1], v[:, c0:c1]
-        if memory is not None:  # load K_j, V_j from HBM to SRAM
-            memory.read("K", k_j)
-            memory.read("V", v_j)
+        k_j, v_j = k[:, c0:c1], v[:, c0:c1]  # load K_j, V_j from HBM to SRAM
+        if memory is not None:
             memory.hold("K", k_j)
             memory.hold("V", v_j)
         s = s_buf[: n_b * rows * (c1 - c0)].reshape(n_b, rows, c1 - c0)
@@ -291,15 +287,13 @@ def _fa2_query_block(q, k, v, o, lse, scale, block_q, block_k, causal, memory, t
             memory.free("K", "V", "P")
         if trace is not None:
             _record(trace, "fa2", i, j, block_q, block_k, n_q, n_k, batch, m_i, l_i, _normalise(acc, l_i))
-    if last >= 0:  # O_i = diag(l_i)^-1 acc, lse_i = m_i + log l_i
+    if last >= 0:  # O_i = diag(l_i)^-1 acc, lse_i = m_i + log l_i, written to HBM once
         o[:, r0:r1] = _normalise(acc, l_i)
         lse[:, r0:r1] = _lse(m_i, l_i)
     else:  # causal: this query block sees no key; nothing to load or compute
         o[:, r0:r1] = 0.0
         lse[:, r0:r1] = -np.inf
-    if memory is not None:  # write O_i and lse_i to HBM, once
-        memory.write("O", o[:, r0:r1])
-        memory.write("lse", lse[:, r0:r1])
+    if memory is not None:
         memory.free("Q", "O", "m", "l")
     if trace is not None:
         for j in range(last + 1, n_blocks(n_k, block_k)):
