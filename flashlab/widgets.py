@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from flashlab import plots
+from flashlab import hardware, plots
 from flashlab.attention import naive_attention
 from flashlab.flash import flash_attention
 from flashlab.inputs import causal_mask, check_block
@@ -168,6 +168,27 @@ def _compare(standard: float, flash: float) -> str:
     return f"FlashAttention moves {flash / standard:.1f}x MORE bytes (blocks too small for this N)"
 
 
+def _headline(n, d, sram_kib, block_q, block_k, loop_order, causal, use: SramUse, at_n: dict) -> str:
+    """The traffic comparison at ``N``, only for blocks that fit in SRAM; otherwise the comparison at the
+    largest fitting blocks of the paper's shape, said so (a configuration that does not fit is no result)."""
+    head = f"at N = {n}: standard {_fmt_bytes(at_n['standard'])}, "
+    if use.fits:
+        return (
+            head
+            + f"{loop_order} {_fmt_bytes(at_n[loop_order])}\n"
+            + _compare(at_n["standard"], at_n[loop_order])
+        )
+    fit_q, fit_k = fitting_blocks(sram_kib * 1024 // DTYPE_BYTES, d)
+    flash = DTYPE_BYTES * plots.forward_elements(
+        loop_order, n, d, block_q=fit_q, block_k=fit_k, causal=causal
+    )
+    return (
+        f"B_r = {block_q}, B_c = {block_k} do not fit in SRAM ({use.used_bytes / use.capacity_bytes:.0%}): "
+        f"no result (greyed out).\n{head}{loop_order} at the largest blocks that fit "
+        f"({fit_q}, {fit_k}) {_fmt_bytes(flash)}: " + _compare(at_n["standard"], flash)
+    )
+
+
 GRID_CMAP = ListedColormap(["#9ecae1", "#4292c6", "#d9d9d9"])  # computed (checkered), skipped
 
 
@@ -206,9 +227,11 @@ class BlockSizeView:
         loop_order, causal = check_loop_order(loop_order), bool(causal)
         curves = plots.sweep("n", SWEEP_N, ALGORITHMS, d=d, block_q=block_q, block_k=block_k, causal=causal)
         self._draw_traffic(curves)
-        for alg, line in self.traffic.lines.items():
+        use = sram_use(n, d, sram_kib, block_q, block_k)
+        for alg, line in self.traffic.lines.items():  # blocks that do not fit: FlashAttention greyed out
             line.set_linewidth(3 if alg in ("standard", loop_order) else 1)
-            line.set_alpha(1.0 if alg in ("standard", loop_order) else 0.45)
+            line.set_alpha(1.0 if alg == "standard" or (alg == loop_order and use.fits) else 0.3)
+            line.set_color(plots.STYLE[alg]["color"] if alg == "standard" or use.fits else "grey")
         at_n = {
             alg: DTYPE_BYTES
             * plots.forward_elements(alg, n, d, block_q=block_q, block_k=block_k, causal=causal)
@@ -216,14 +239,12 @@ class BlockSizeView:
         }
         for alg, mark in self.marks.items():
             mark.set_data([n] if alg in at_n else [], [at_n[alg]] if alg in at_n else [])
+            mark.set_color(plots.STYLE[alg]["color"] if alg == "standard" or use.fits else "grey")
         self.ax.relim()
         self.ax.autoscale_view()
-        self.point_text.set_text(
-            f"at N = {n}: standard {_fmt_bytes(at_n['standard'])}, "
-            f"{loop_order} {_fmt_bytes(at_n[loop_order])}\n" + _compare(at_n["standard"], at_n[loop_order])
-        )
+        self.point_text.set_text(_headline(n, d, sram_kib, block_q, block_k, loop_order, causal, use, at_n))
+        self.point_text.set_color("black" if use.fits else "grey")
         self._draw_grid(n, block_q, block_k, causal, loop_order)
-        use = sram_use(n, d, sram_kib, block_q, block_k)
         verdict = (
             f"{'fits in SRAM' if use.fits else 'does NOT fit in SRAM'}: {use.used_bytes:,} B on chip "
             f"of {use.capacity_bytes:,} B ({use.used_bytes / use.capacity_bytes:.0%})"
@@ -288,9 +309,15 @@ class BlockSizeView:
         )
 
 
-def block_size_defaults(sram_kib: int = 192, d: int = 64) -> dict:
-    """Default explorer parameters: N = 4096, the paper's A100 SRAM of 192 KB per SM, its block rule and
-    its loop order (Algorithm 1)."""
+def default_sram_kib() -> int:
+    """The A100's shared memory per SM in KiB (:func:`flashlab.hardware.shared_memory_bytes`): 164."""
+    return hardware.shared_memory_bytes("A100") // 1024
+
+
+def block_size_defaults(sram_kib: int | None = None, d: int = 64) -> dict:
+    """Default explorer parameters: N = 4096, the A100's shared memory per SM (:func:`default_sram_kib`),
+    the paper's block rule for it and its loop order (Algorithm 1)."""
+    sram_kib = default_sram_kib() if sram_kib is None else sram_kib
     block_q, block_k = sram_blocks(sram_kib, d)
     return dict(
         n=4096, d=d, sram_kib=sram_kib, block_q=block_q, block_k=block_k, loop_order="fa1", causal=False
@@ -305,7 +332,7 @@ def block_size_figure(**params) -> Figure:
 
 
 def _with_defaults(params: dict) -> dict:
-    defaults = block_size_defaults(params.get("sram_kib", 192), params.get("d", 64))
+    defaults = block_size_defaults(params.get("sram_kib"), params.get("d", 64))
     unknown = set(params) - set(defaults)
     if unknown:
         raise TypeError(f"unknown block-size parameters {sorted(unknown)}; known: {sorted(defaults)}")
