@@ -16,7 +16,9 @@ def test_shared_memory_is_the_shared_part_not_l1_plus_shared():
 
 
 def test_every_per_sm_key_is_defined_and_no_other_sram_key_exists():
-    keys = {key for entry in hardware.specs().values() for key in entry if key.endswith(("_per_sm", "l2_bytes"))}
+    keys = {
+        key for entry in hardware.specs().values() for key in entry if key.endswith(("_per_sm", "l2_bytes"))
+    }
     assert keys == set(hardware.definitions())
 
 
