@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashlab.inputs import attention_inputs, causal_mask
+from flashlab.memory import hbm, host, store
 
 
 def naive_attention(q, k, v, *, causal=False, scale=None, return_lse=False, memory=None):
@@ -28,24 +29,20 @@ def naive_attention(q, k, v, *, causal=False, scale=None, return_lse=False, memo
     ``attn_mask=flashlab.inputs.causal_mask(N_q, N_k)`` to get this convention.
     A row that sees no key (possible when ``N_q > N_k``) gives output 0 and lse ``-inf``.
 
-    ``memory``: an optional :class:`flashlab.memory.MemoryModel` that counts the HBM traffic of
-    the three steps above (S and P go through HBM, as in the paper).
+    ``memory``: an optional :class:`flashlab.memory.MemoryModel` that observes the HBM traffic of
+    the three steps above: Q, K, V, S, P and O are HBM tensors it wraps (S and P go through HBM, as
+    in the paper), and every slice taken or assigned is counted by the wrapper.
 
     Returns ``o (..., N_q, d_v)`` or, with ``return_lse``, ``(o, lse)`` where
     ``lse = m + log(l)`` has shape ``(..., N_q)`` (float32 or float64).
     """
     a = attention_inputs(q, k, v, scale)
-    q, k, v = a.q, a.k, a.v
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    if memory is not None:
-        memory.read("Q", q)
-        memory.read("K", k)
-    s = a.scale * (q @ np.swapaxes(k, -1, -2))  # (..., N_q, N_k)
+    n_q, n_k = a.q.shape[-2], a.k.shape[-2]
+    q, k, v = hbm(memory, "Q", a.q), hbm(memory, "K", a.k), hbm(memory, "V", a.v)  # counted per slice
+    s = a.scale * (q[...] @ np.swapaxes(k[...], -1, -2))  # (..., N_q, N_k)
     if causal:
         s = np.where(causal_mask(n_q, n_k), s, -np.inf)
-    if memory is not None:
-        memory.write("S", s)
-        memory.read("S", s)
+    s = store(memory, "S", s)[...]  # line 1 writes S to HBM; line 2 reads it back
     m = np.max(s, axis=-1, keepdims=True) if n_k else np.full(s.shape[:-1] + (1,), -np.inf, s.dtype)
     m_safe = np.where(m == -np.inf, 0.0, m)  # a row that sees no key: exp(-inf - 0) = 0, not nan
     p = np.exp(s - m_safe)
@@ -54,12 +51,7 @@ def naive_attention(q, k, v, *, causal=False, scale=None, return_lse=False, memo
     with np.errstate(divide="ignore"):
         p = np.where(empty, 0.0, p / np.where(empty, 1.0, l))
         lse = np.where(empty, -np.inf, m_safe + np.log(l))[..., 0]
-    if memory is not None:
-        memory.write("P", p)
-        memory.read("P", p)
-        memory.read("V", v)
-    o = p @ v
-    if memory is not None:
-        memory.write("O", o)
+    p = store(memory, "P", p)[...]  # line 2 writes P; line 3 reads it back
+    o = host(store(memory, "O", p @ v[...]))  # line 3 reads V and writes O
     o = o.astype(a.out_dtype, copy=False)
     return (o, lse) if return_lse else o

@@ -4,9 +4,10 @@ Both loop orders walk the tile schedule of :mod:`flashlab.tiles` and never form 
 ``N_q x N_k`` array: at any time only one ``B_r x B_c`` tile of scores is alive ("on chip").
 Each tile is vectorised over the leading (batch, head) dims.
 
-``memory`` (a :class:`flashlab.memory.MemoryModel`) is told, at tile granularity, every HBM read
-and write and every tile held on chip, following the paper's lines literally, so that a counted run
-is the algorithm itself. Counting conventions (chapter 3's closed forms rely on them):
+``memory`` (a :class:`flashlab.memory.MemoryModel`) wraps the HBM tensors (Q, K, V, O, l, m, lse):
+every slice the loops take or assign is counted by the wrapper, so the HBM traffic is observed, not
+declared; the tiles held on chip are declared (``hold``/``free``). What the counts come to (chapter
+3's closed forms rely on it):
 
 - FA1 (Algorithm 1): line 2 (initialise ``O = 0, l = 0, m = -inf`` in HBM) is **not** counted;
   line 6 reads ``K_j, V_j``; line 8 reads ``Q_i, O_i, l_i, m_i``; lines 12-13 write
@@ -44,6 +45,7 @@ import numpy as np
 from flashlab import masks
 from flashlab.inputs import as_float_array, attention_inputs, causal_offset, check_block
 from flashlab.masks import EMPTY, FULL, PARTIAL, BlockMask
+from flashlab.memory import hbm, host
 from flashlab.tiles import block_range, check_loop_order, n_blocks
 
 
@@ -118,6 +120,7 @@ def flash_attention(
     q4 = a.q.reshape((math.prod(batch),) + a.q.shape[-3:])
     k4, v4 = (x[..., :1, :, :].reshape((math.prod(batch), 1) + x.shape[-2:]) for x in (a.k, a.v))
     out = batch[:-1] + (batch[-1] * a.q.shape[-3],) if batch else ()
+    q4, k4, v4 = hbm(memory, "Q", q4), hbm(memory, "K", k4), hbm(memory, "V", v4)  # slices counted
     o, lse = run(q4, k4, v4, a.scale, tiles, memory, trace, out)
     o = o.reshape(out + (n_q, d_v)).astype(a.out_dtype, copy=False)
     return (o, lse.reshape(out + (n_q,))) if return_lse else o
@@ -196,17 +199,16 @@ def _fa1(q, k, v, scale, tiles, memory, trace, batch):
     n_b, g, n_q, n_k, d_v = q.shape[0], q.shape[1], q.shape[2], k.shape[2], v.shape[3]
     block_q, block_k = tiles.block_q, tiles.block_k
     # Line 2: O = 0, l = 0, m = -inf "in HBM" (not counted as traffic, see the module docstring).
-    o = np.zeros((n_b, g, n_q, d_v), q.dtype)
-    l_hbm = np.zeros((n_b, g, n_q), q.dtype)
-    m_hbm = np.full((n_b, g, n_q), -np.inf, q.dtype)
+    o = hbm(memory, "O", np.zeros((n_b, g, n_q, d_v), q.dtype))
+    l_hbm = hbm(memory, "l", np.zeros((n_b, g, n_q), q.dtype))
+    m_hbm = hbm(memory, "m", np.full((n_b, g, n_q), -np.inf, q.dtype))
     t_r, t_c = tiles.classes.shape
     for j in range(t_c):  # line 5
         c0, c1 = block_range(j, block_k, n_k)
-        k_j, v_j = k[:, :, c0:c1], v[:, :, c0:c1]
         used = bool(np.any(tiles.classes[:, j] != EMPTY))
-        if memory is not None and used:  # line 6: load K_j, V_j from HBM to SRAM
-            memory.read("K", _flat(k_j))
-            memory.read("V", _flat(v_j))
+        # line 6: load K_j, V_j from HBM to SRAM (not at all when every tile of column j is empty)
+        k_j, v_j = (k[:, :, c0:c1], v[:, :, c0:c1]) if used else (None, None)
+        if memory is not None and used:
             memory.hold("K", _flat(k_j))
             memory.hold("V", _flat(v_j))
         for i in range(t_r):  # line 7
@@ -219,7 +221,6 @@ def _fa1(q, k, v, scale, tiles, memory, trace, batch):
             l_i, m_i = l_hbm[:, :, r0:r1], m_hbm[:, :, r0:r1]
             if memory is not None:  # line 8: load Q_i, O_i, l_i, m_i from HBM to SRAM
                 for name, tile in (("Q", q_i), ("O", o_i), ("l", l_i), ("m", m_i)):
-                    memory.read(name, _flat(tile))
                     memory.hold(name, _flat(tile))
             s = q_i @ np.swapaxes(k_j, -1, -2)  # line 9: S_ij = tau Q_i K_j^T
             s *= scale
@@ -242,18 +243,16 @@ def _fa1(q, k, v, scale, tiles, memory, trace, batch):
             l_new = alpha * l_i + beta * l_t
             # Line 12: O_i = diag(l_new)^-1 (diag(l_i) e^(m_i - m_new) O_i + e^(m~ - m_new) P~ V_j).
             num = (alpha * l_i)[..., None] * o_i + beta[..., None] * (p @ v_j)
-            o[:, :, r0:r1] = num / np.where(l_new > 0, l_new, 1.0)[..., None]
-            l_hbm[:, :, r0:r1], m_hbm[:, :, r0:r1] = l_new, m_new  # line 13
-            if memory is not None:  # lines 12-13: write O_i, l_i, m_i to HBM
-                memory.write("O", _flat(o[:, :, r0:r1]))
-                memory.write("l", _flat(l_new))
-                memory.write("m", _flat(m_new))
+            o_new = num / np.where(l_new > 0, l_new, 1.0)[..., None]
+            o[:, :, r0:r1] = o_new  # lines 12-13: write O_i, l_i, m_i to HBM
+            l_hbm[:, :, r0:r1], m_hbm[:, :, r0:r1] = l_new, m_new
+            if memory is not None:
                 memory.free("Q", "O", "l", "m", "P")
             if trace is not None:
-                _record(trace, "fa1", i, j, tiles, batch, m_new, l_new, o[:, :, r0:r1])
+                _record(trace, "fa1", i, j, tiles, batch, m_new, l_new, o_new)
         if memory is not None:
             memory.free("K", "V")
-    return o, _lse(m_hbm, l_hbm)
+    return host(o), _lse(host(m_hbm), host(l_hbm))
 
 
 def _fa2(q, k, v, scale, tiles, memory, trace, batch, workers=1):
@@ -264,8 +263,8 @@ def _fa2(q, k, v, scale, tiles, memory, trace, batch, workers=1):
     them on that many threads (NumPy releases the GIL inside its array operations).
     """
     n_b, g, n_q, d_v = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
-    o = np.empty((n_b, g, n_q, d_v), q.dtype)
-    lse = np.empty((n_b, g, n_q), q.dtype)
+    o = hbm(memory, "O", np.empty((n_b, g, n_q, d_v), q.dtype))
+    lse = hbm(memory, "lse", np.empty((n_b, g, n_q), q.dtype))
     query_block = partial(_fa2_query_block, q, k, v, o, lse, scale, tiles, memory, trace, batch)
     t_r = tiles.classes.shape[0]
     if workers == 1:
@@ -275,7 +274,7 @@ def _fa2(q, k, v, scale, tiles, memory, trace, batch, workers=1):
         with ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(query_block, range(t_r)):  # re-raises a worker's exception
                 pass
-    return o, lse
+    return host(o), host(lse)
 
 
 def _fa2_query_block(q, k, v, o, lse, scale, tiles, memory, trace, batch, i):
@@ -298,7 +297,6 @@ def _fa2_query_block(q, k, v, o, lse, scale, tiles, memory, trace, batch, i):
     if live:
         q_i = q[:, :, r0:r1]
         if memory is not None:  # load Q_i from HBM to SRAM
-            memory.read("Q", _flat(q_i))
             memory.hold("Q", _flat(q_i))
         q_i = q_i * scale
         acc = np.zeros((n_b, g, rows, d_v), q.dtype)
@@ -318,8 +316,6 @@ def _fa2_query_block(q, k, v, o, lse, scale, tiles, memory, trace, batch, i):
         c0, c1 = block_range(j, tiles.block_k, n_k)
         k_j, v_j = k[:, :, c0:c1], v[:, :, c0:c1]
         if memory is not None:  # load K_j, V_j from HBM to SRAM
-            memory.read("K", _flat(k_j))
-            memory.read("V", _flat(v_j))
             memory.hold("K", _flat(k_j))
             memory.hold("V", _flat(v_j))
         s = s_buf[: n_b * g * rows * (c1 - c0)].reshape(n_b, g, rows, c1 - c0)
@@ -353,8 +349,6 @@ def _fa2_query_block(q, k, v, o, lse, scale, tiles, memory, trace, batch, i):
         o[:, :, r0:r1] = 0.0
         lse[:, :, r0:r1] = -np.inf
     if memory is not None:  # write O_i and lse_i to HBM, once
-        memory.write("O", _flat(o[:, :, r0:r1]))
-        memory.write("lse", _flat(lse[:, :, r0:r1]))
         memory.free("Q", "O", "m", "l")
 
 

@@ -1,9 +1,13 @@
 """A two-level memory model: HBM traffic counted per tensor, SRAM occupancy with a capacity.
 
-The blocked algorithms call four methods as they run, at tile granularity, so the counted run is
-the algorithm itself, not a second copy of it:
+**Observed** HBM traffic: the forward algorithms put their HBM tensors in :class:`HBMTensor` wrappers
+(:func:`hbm`, :func:`store`); every slice they take (``t[rows]``) is counted as a read of that tile and
+every slice they assign (``t[rows] = x``) as a write, by the wrapper. The algorithm never says what
+it moves; the count is whatever it actually touched. (The backward of :mod:`flashlab.backward`
+still declares its transfers with ``read(name, tile)`` / ``write(name, tile)``.)
 
-- ``read(name, tile)``  / ``write(name, tile)``: a tile of tensor ``name`` moves HBM -> SRAM / SRAM -> HBM;
+**Modelled** SRAM occupancy: the algorithms declare which tiles sit on chip,
+
 - ``hold(name, tile)``: the tile ``name`` now occupies SRAM (replacing an earlier tile of that name);
 - ``free(*names)``: those tiles leave SRAM.
 
@@ -179,6 +183,54 @@ class MemoryModel:
             f"MemoryModel(hbm_read_bytes={self.hbm_read_bytes}, "
             f"hbm_write_bytes={self.hbm_write_bytes}, sram_peak_bytes={self.sram_peak_bytes})"
         )
+
+
+class HBMTensor:
+    """A tensor in HBM whose every slice is counted by ``memory``: ``t[key]`` reads that tile,
+    ``t[key] = x`` writes it (as many elements as the slice holds). ``shape``, ``dtype`` and ``ndim``
+    are free; :func:`host` hands the array back to the caller after the algorithm, uncounted."""
+
+    __slots__ = ("_memory", "array", "name")
+
+    def __init__(self, memory: MemoryModel, name: str, array: np.ndarray):
+        self._memory, self.name, self.array = memory, name, array
+
+    shape = property(lambda self: self.array.shape)
+    dtype = property(lambda self: self.array.dtype)
+    ndim = property(lambda self: self.array.ndim)
+
+    def __getitem__(self, key) -> np.ndarray:
+        tile = self.array[key]
+        self._memory.read(self.name, tile)
+        return tile
+
+    def __setitem__(self, key, value) -> None:
+        self.array[key] = value
+        self._memory.write(self.name, self.array[key])
+
+    def __repr__(self) -> str:
+        return f"HBMTensor({self.name!r}, {_describe(self.array)})"
+
+
+def hbm(memory: MemoryModel | None, name: str, array: np.ndarray):
+    """``array`` as the HBM tensor ``name`` whose slices ``memory`` counts; ``array`` itself when
+    ``memory`` is None (an uncounted run pays nothing)."""
+    return array if memory is None else HBMTensor(memory, name, array)
+
+
+def store(memory: MemoryModel | None, name: str, array: np.ndarray):
+    """Write all of ``array`` (computed on chip) to a new HBM tensor ``name`` and return that tensor:
+    one counted write of ``array.size`` elements; ``array`` itself when ``memory`` is None."""
+    if memory is None:
+        return array
+    tensor = HBMTensor(memory, name, np.empty_like(array))
+    tensor[...] = array
+    return tensor
+
+
+def host(x):
+    """The plain array behind an :class:`HBMTensor` (or ``x`` itself): the result handed to the caller."""
+    return x.array if isinstance(x, HBMTensor) else x
 
 
 def _describe(tile: np.ndarray | int) -> str:

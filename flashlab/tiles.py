@@ -109,3 +109,16 @@ def check_loop_order(loop_order) -> str:
     if loop_order not in LOOP_ORDERS:
         raise ValueError(f"loop_order must be one of {', '.join(map(repr, LOOP_ORDERS))}, got {loop_order!r}")
     return loop_order
+
+
+def coverage(trace, n_q: int, n_k: int) -> np.ndarray:
+    """How many times each ``(query, key)`` score was computed, read off a ``flash_attention`` trace.
+
+    ``trace``: the :class:`flashlab.flash.TileStep` list of one run; skipped tiles add nothing.
+    Returns an ``(n_q, n_k)`` int array: all ones for a full run, the causal mask's tiles for a causal one.
+    """
+    seen = np.zeros((n_q, n_k), int)
+    for step in trace:
+        if not step.skipped:
+            seen[slice(*step.rows), slice(*step.cols)] += 1
+    return seen

@@ -132,3 +132,30 @@ def test_nan_in_gives_nan_out_only_where_it_reaches():
 def test_bad_input_is_refused_with_a_message_naming_the_argument(args, kwargs, error, words):
     with pytest.raises(error, match=words):
         naive_attention(*args, **kwargs)
+
+
+# --- chapter 0's warm-up exercise: each slip gets its own message ---------------------------------
+def _slip(q, k, v, slip=None):
+    s = q @ k if slip == "no_transpose" else q @ k.T
+    s = s if slip == "no_scale" else s / np.sqrt(q.shape[1])
+    axis = 0 if slip == "axis0" else 1
+    p = np.exp(s) if slip == "no_max" else np.exp(s - s.max(axis=axis, keepdims=True))
+    return (p if slip == "no_norm" else p / p.sum(axis=axis, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize(
+    ("slip", "words"),
+    [
+        ("axis0", "down the columns"),
+        ("no_scale", "not scaled"),
+        ("no_max", "overflowed"),
+        ("no_norm", "not normalised"),
+        ("no_transpose", "transpose K"),
+    ],
+)
+def test_attention_warm_up_names_each_slip(slip, words):
+    from flashlab import check
+
+    check.check("attention", _slip)  # the right one passes
+    with pytest.raises(check.Mistake, match=words):
+        check.check("attention", lambda q, k, v: _slip(q, k, v, slip))

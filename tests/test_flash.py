@@ -13,6 +13,7 @@ from flashlab.inputs import causal_mask
 from flashlab.memory import MemoryModel
 from flashlab.tiles import (
     block_range,
+    coverage,
     first_row_block,
     last_col_block,
     n_blocks,
@@ -303,3 +304,72 @@ def test_bad_workers_are_explained(kwargs, words):
     x = np.ones((4, 2))
     with pytest.raises(ValueError, match=words):
         flash_attention(x, x, x, **kwargs)
+
+
+@given(
+    st.integers(1, 20),
+    st.integers(1, 20),
+    st.integers(1, 7),
+    st.integers(1, 7),
+    st.booleans(),
+    st.sampled_from(["fa1", "fa2"]),
+)
+def test_the_trace_covers_each_visible_score_exactly_once(n_q, n_k, block_q, block_k, causal, loop_order):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((n_q, 3)), rng.standard_normal((n_k, 3)), rng.standard_normal((n_k, 2))
+    trace = []
+    flash_attention(
+        q, k, v, block_q=block_q, block_k=block_k, causal=causal, loop_order=loop_order, trace=trace
+    )
+    seen = coverage(trace, n_q, n_k)
+    visible = causal_mask(n_q, n_k) if causal else np.ones((n_q, n_k), bool)
+    assert np.all(seen[visible] == 1) and np.all(seen <= 1)  # masked entries of computed tiles count once too
+
+
+# --- chapter 2's whole-forward exercise: each likely mistake gets its own message -----------------
+def _forward(q, k, v, block_q, block_k, causal, bug=None):
+    """The exercise's forward with one deliberate ``bug`` (None: correct)."""
+    from flashlab.exercises.flash import fa2_tile_update
+
+    n_q, n_k = len(q), len(k)
+    stop_q = (n_q // block_q) * block_q if bug == "drop_ragged" else n_q
+    o, lse = np.zeros((n_q, v.shape[1]), q.dtype), np.full(n_q, -np.inf, q.dtype)
+    for r0 in range(0, stop_q, block_q):
+        rows = np.arange(r0, min(r0 + block_q, n_q))
+        m, l, acc = np.full(len(rows), -np.inf), np.zeros(len(rows)), np.zeros((len(rows), v.shape[1]))  # noqa: E741
+        for c0 in range(0, n_k, block_k):
+            cols = np.arange(c0, min(c0 + block_k, n_k))
+            s = q[rows] @ k[cols].T / (1.0 if bug == "no_scale" else math.sqrt(q.shape[1]))
+            offset = 0 if bug == "top_left" else n_k - n_q
+            if causal and bug != "no_mask":
+                s = np.where(cols[None, :] <= rows[:, None] + offset, s, -np.inf)
+            m, l, acc = fa2_tile_update(m, l, acc, s, v[cols])  # noqa: E741
+        with np.errstate(all="ignore"):
+            if bug == "nan_rows":
+                o[rows] = acc / l[:, None]
+            elif bug == "no_divide":
+                o[rows] = acc
+            else:
+                o[rows] = np.where(l[:, None] > 0, acc / np.where(l > 0, l, 1)[:, None], 0)
+            lse[rows] = m if bug == "lse_is_m" else np.where(l > 0, m + np.log(l), -np.inf)
+    return o, lse
+
+
+@pytest.mark.parametrize(
+    ("bug", "words"),
+    [
+        ("drop_ragged", "last, partial block is missing"),
+        ("no_mask", "causal mask was not applied"),
+        ("top_left", "aligned top-left"),
+        ("nan_rows", "rows that see no key"),
+        ("no_divide", "never divided by l"),
+        ("no_scale", "not scaled"),
+        ("lse_is_m", "lse is not"),
+    ],
+)
+def test_fa2_forward_exercise_names_each_likely_mistake(bug, words):
+    from flashlab import check
+
+    check.check("fa2_forward", lambda *a: _forward(*a))  # the correct one passes
+    with pytest.raises(check.Mistake, match=words):
+        check.check("fa2_forward", lambda *a: _forward(*a, bug=bug))

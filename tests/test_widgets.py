@@ -289,3 +289,21 @@ def test_static_figures_are_figures_outside_pyplot():
     assert isinstance(W.block_size_figure(n=512), Figure)
     assert isinstance(W.step_figure(visit=3, loop_order="fa1"), Figure)
     assert plt.get_fignums() == before
+
+
+def test_blocks_that_do_not_fit_are_greyed_and_never_headlined():
+    view = W.BlockSizeView()
+    view.draw(n=4096, d=64, sram_kib=164, block_q=256, block_k=1024, loop_order="fa1")
+    text = view.point_text.get_text()
+    fit = fitting_blocks(164 * 1024 // W.DTYPE_BYTES, 64)
+    assert "do not fit" in text and "no result" in text and f"({fit[0]}, {fit[1]})" in text
+    assert view.traffic.lines["fa1"].get_color() == "grey" and view.marks["fa1"].get_color() == "grey"
+    view.draw(n=4096, d=64, sram_kib=164, block_q=64, block_k=128, loop_order="fa1")  # fits again
+    assert "fewer bytes" in view.point_text.get_text() and "no result" not in view.point_text.get_text()
+    assert view.traffic.lines["fa1"].get_color() != "grey"
+
+
+def test_default_sram_is_the_a100_shared_memory_from_hardware_json():
+    from flashlab import hardware
+
+    assert W.block_size_defaults()["sram_kib"] * 1024 == hardware.shared_memory_bytes("A100")

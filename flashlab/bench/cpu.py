@@ -38,6 +38,7 @@ from flashlab.bench.common import (
     write_results,
 )
 from flashlab.flash import flash_attention
+from flashlab.tolerance import Bound, attention_bound
 
 NAME = "cpu_bench"
 SIZES = (1024, 2048, 4096, 8192)
@@ -143,6 +144,24 @@ def wait_for_quiet(max_seconds: float, calm_seconds: float = 3.0, busy: int = 1)
     return time.monotonic() - t0
 
 
+def bench_inputs(n: int, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 ``q, k, v`` (each ``(1, n, d)``) that :func:`measure` times at sequence length ``n``."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, n, d)).astype(np.float32) for _ in range(3))
+    return q, k, v
+
+
+def error_bound(n: int, d: int = 64, seed: int = 0, rows: int = 1024) -> Bound:
+    """The derived float32 bound (:func:`flashlab.tolerance.attention_bound`) on the error column at ``n``.
+
+    Computed ``rows`` queries at a time (the bound is a maximum over rows, so the largest chunk bound is
+    the whole bound) to keep the ``n x n`` magnitudes out of memory.
+    """
+    q, k, v = bench_inputs(n, d, seed)
+    chunks = [attention_bound(q[:, r : r + rows], k, v) for r in range(0, n, rows)]
+    return max(chunks, key=lambda b: b.atol)
+
+
 def measure(
     sizes, repeat: int, d: int = 64, seed: int = 0, progress: bool = True, quiet_wait: float = 0.0
 ) -> list[dict]:
@@ -158,8 +177,7 @@ def measure(
     n_cases = len(FLASH_SETTINGS) + 2
     with tqdm(total=len(sizes) * n_cases, desc="cpu bench", disable=not progress) as bar:
         for n in sizes:
-            rng = np.random.default_rng(seed)
-            q, k, v = (rng.standard_normal((1, n, d)).astype(np.float32) for _ in range(3))
+            q, k, v = bench_inputs(n, d, seed)
             reference = naive_attention(q.astype(np.float64), k, v)
             for row, call, peak_by in cases(q, k, v):
                 bar.set_postfix_str(f"N={n} {label(row)}")

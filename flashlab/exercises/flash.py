@@ -1,4 +1,4 @@
-"""Chapter 2 exercise: FlashAttention-2's inner update for one tile.
+"""Chapter 2 exercises: FlashAttention-2's inner update for one tile, then the whole forward.
 
 The learner writes ``tile_update(m, l, acc, s, v) -> (m_new, l_new, acc_new)``: the body of FA2's
 inner loop over key blocks (Dao 2023, Algorithm 1) for a block of query rows, given their running max
@@ -20,8 +20,10 @@ import math
 
 import numpy as np
 
+from flashlab.attention import naive_attention
 from flashlab.check import Mistake, exercise, expect
 from flashlab.inputs import causal_mask
+from flashlab.tolerance import attention_bound
 
 EXP_LIMIT = {np.float32: math.log(np.finfo(np.float32).max), np.float64: math.log(np.finfo(np.float64).max)}
 
@@ -205,3 +207,174 @@ def check_fa2_tile_update(tile_update) -> None:
                     + _diagnose(got, wide[:3], *wide[3:], dtype)
                 )
             m, l, acc = want  # noqa: E741
+
+
+# --- the whole forward -----------------------------------------------------------------------------
+
+
+def fa2_forward(q, k, v, block_q, block_k, causal=False):
+    """FlashAttention-2's whole forward for one head, from :func:`fa2_tile_update`.
+
+    ``q (N_q, d)``, ``k (N_k, d)``, ``v (N_k, d_v)``; any positive blocks (need not divide N); ``causal``
+    aligned bottom-right (query ``i`` sees key ``j`` iff ``j <= i + N_k - N_q``). Returns ``(o, lse)``:
+    ``o (N_q, d_v)``, ``lse (N_q,)``; a row that sees no key gets ``o = 0``, ``lse = -inf``.
+    """
+    n_q, n_k = len(q), len(k)
+    o, lse = np.zeros((n_q, v.shape[1]), q.dtype), np.full(n_q, -np.inf, q.dtype)
+    for r0 in range(0, n_q, block_q):  # outer loop: query blocks, the last one ragged
+        rows = np.arange(r0, min(r0 + block_q, n_q))
+        m, l, acc = (  # noqa: E741
+            np.full(len(rows), -np.inf, q.dtype),
+            np.zeros(len(rows), q.dtype),
+            np.zeros((len(rows), v.shape[1]), q.dtype),
+        )  # noqa: E741
+        for c0 in range(0, n_k, block_k):  # inner loop: key blocks
+            cols = np.arange(c0, min(c0 + block_k, n_k))
+            s = (q[rows] @ k[cols].T) / np.asarray(math.sqrt(q.shape[1]), q.dtype)
+            if causal:
+                s = np.where(cols[None, :] <= rows[:, None] + n_k - n_q, s, -np.inf).astype(q.dtype)
+            m, l, acc = fa2_tile_update(m, l, acc, s, v[cols])  # noqa: E741
+        seen = l > 0
+        o[rows] = np.where(seen[:, None], acc / np.where(seen, l, 1)[:, None], 0)  # divide once, at the end
+        with np.errstate(divide="ignore"):
+            lse[rows] = np.where(seen, m + np.log(np.where(seen, l, 1)), -np.inf)
+    return o, lse
+
+
+def _forward_cases():
+    """``[(what, q, k, v, block_q, block_k, causal), ...]``, plainest first."""
+    rng = np.random.default_rng(11)
+
+    def normal(*shape, spread=1.0, dtype=np.float64):
+        return (rng.standard_normal(shape) * spread).astype(dtype)
+
+    return [
+        ("N = 32, blocks 8 x 8, no mask", normal(32, 8), normal(32, 8), normal(32, 5), 8, 8, False),
+        (
+            "ragged: N_q = 37, N_k = 50, blocks 16 x 16",
+            normal(37, 8),
+            normal(50, 8),
+            normal(50, 3),
+            16,
+            16,
+            False,
+        ),
+        (
+            "causal, N_q = 20 < N_k = 45, blocks 8 x 16",
+            normal(20, 4),
+            normal(45, 4),
+            normal(45, 3),
+            8,
+            16,
+            True,
+        ),
+        (
+            "causal, N_q = 30 > N_k = 12 (rows that see no key)",
+            normal(30, 4),
+            normal(12, 4),
+            normal(12, 2),
+            7,
+            5,
+            True,
+        ),
+        (
+            "float32, logits in the hundreds",
+            normal(24, 16, spread=8, dtype=np.float32),
+            normal(40, 16, spread=8, dtype=np.float32),
+            normal(40, 4, dtype=np.float32),
+            16,
+            8,
+            False,
+        ),
+    ]
+
+
+def _forward_diagnosis(got_o, got_lse, q, k, v, block_q, block_k, causal, bound) -> str | None:
+    """Words for the likely mistake, or None when ``(got_o, got_lse)`` is right within ``bound``."""
+    n_q, n_k = len(q), len(k)
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    want_o, want_lse = naive_attention(q64, k64, v64, causal=causal, return_lse=True)
+    dead = np.isneginf(want_lse)
+
+    def close(a, b):
+        return (
+            a.shape == b.shape
+            and bool(np.all(np.abs(np.nan_to_num(a - b)) <= bound.atol))
+            and not np.any(np.isnan(a))
+        )
+
+    if np.any(np.isnan(got_o)) or np.any(np.isnan(got_lse)):
+        if np.any(dead) and (np.any(np.isnan(got_o[dead])) or np.any(np.isnan(got_lse[dead]))):
+            return (
+                "nan in rows that see no key at all (causal with N_q > N_k): there l = 0, so acc / l is "
+                "0 / 0. Such a row's output is 0 and its lse is -inf: divide only where l > 0"
+            )
+        return "nan from finite input: is every exp taken relative to the running max (exp(S - m_new))?"
+    full_q, full_k = (n_q // block_q) * block_q, (n_k // block_k) * block_k
+    if (full_q < n_q and np.allclose(got_o[full_q:], 0) and not np.allclose(want_o[full_q:], 0)) or (
+        full_k < n_k and close(got_o, naive_attention(q64, k64[:full_k], v64[:full_k], causal=False))
+    ):
+        return (
+            f"the last, partial block is missing (N_q = {n_q}, N_k = {n_k}, B_r = {block_q}, "
+            f"B_c = {block_k}): loop over ceil(N / B) blocks, range(0, N, B),"
+            " and cut each block at min(start + B, N)"
+        )
+    if causal:
+        if close(got_o, naive_attention(q64, k64, v64)):
+            return "the causal mask was not applied: set S to -inf where key j > i + N_k - N_q"
+        top_left = np.where(np.tril(np.ones((n_q, n_k), bool)), q64 @ k64.T / math.sqrt(q.shape[1]), -np.inf)
+        with np.errstate(all="ignore"):
+            p = np.exp(top_left - top_left.max(axis=1, keepdims=True))
+            tl = np.nan_to_num((p / p.sum(axis=1, keepdims=True)) @ v64)
+        if close(np.nan_to_num(got_o), tl):
+            return (
+                "the causal mask is aligned top-left (j <= i), as torch's is_causal; this course aligns it "
+                "bottom-right: query i sees key j iff j <= i + N_k - N_q"
+            )
+    if close(got_o, naive_attention(q64, k64, v64, causal=causal, scale=1.0)):
+        return "the scores were not scaled: S = Q_i K_j^T / sqrt(d)"
+    if not close(got_o, want_o):
+        scores = q64 @ k64.T / math.sqrt(q.shape[1])
+        if causal:
+            scores = np.where(causal_mask(n_q, n_k), scores, -np.inf)
+        row_max = np.max(scores, axis=1, initial=-np.inf)
+        with np.errstate(invalid="ignore"):
+            l_rows = np.where(dead, 0.0, np.exp(want_lse - np.where(dead, 0.0, row_max)))  # l relative to max
+        if close(got_o, want_o * l_rows[:, None]):
+            return "O was never divided by l: after the last key block, O_i = acc / l (once, per row)"
+        worst = np.nanmax(np.abs(got_o - want_o))
+        return f"O differs from attention by up to {worst:.3g} (allowed {bound.atol:.1e})"
+    if not close(np.where(dead, 0, got_lse), np.where(dead, 0, want_lse)) or not np.all(
+        np.isneginf(got_lse[dead])
+    ):
+        return "O is right but lse is not: lse_i = m_i + log l_i (and -inf for a row that sees no key)"
+    return None
+
+
+@exercise(
+    "fa2_forward",
+    chapter=2,
+    title="the whole FA2 forward fa2_forward(q, k, v, block_q, block_k, causal) -> (o, lse)",
+    solution=fa2_forward,
+)
+def check_fa2_forward(forward) -> None:
+    """Each case against float64 attention within the derived bound; the first wrong one is explained."""
+    for what, q, k, v, block_q, block_k, causal in _forward_cases():
+        with np.errstate(all="ignore"):
+            out = forward(q.copy(), k.copy(), v.copy(), block_q, block_k, causal)
+        expect(
+            isinstance(out, tuple) and len(out) == 2, f"return the pair (o, lse), got {type(out).__name__}"
+        )
+        o, lse = (np.asarray(x, np.float64) for x in out)
+        expect(
+            o.shape == (len(q), v.shape[1]),
+            f"{what}: o must have shape {(len(q), v.shape[1])}, got {o.shape}",
+        )
+        expect(
+            lse.shape == (len(q),),
+            f"{what}: lse must have shape {(len(q),)} (one per query), got {lse.shape}",
+        )
+        bound = attention_bound(q, k, v, quantity="lse")  # the larger of the two bounds here
+        bound = max(bound, attention_bound(q, k, v), key=lambda b: b.atol)
+        words = _forward_diagnosis(o, lse, q, k, v, block_q, block_k, causal, bound)
+        expect(words is None, f"{what}: {words}")

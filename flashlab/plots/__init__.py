@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from flashlab import hardware
-from flashlab.traffic import forward_traffic, paper_blocks
+from flashlab.traffic import attention_flops, forward_traffic, paper_blocks, standard_kernels, total
 
 STYLE = {
     "standard": dict(color="tab:red", label="standard (Algorithm 0)"),
@@ -186,9 +186,60 @@ def draw_roofline(
     ax.set_xlabel("arithmetic intensity (FLOP per HBM byte)")
     ax.set_ylabel("attainable FLOP/s")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")  # the roof rises to the upper right: the corner below is empty
     return artists
 
 
 def _colors(n: int) -> list:
     return [matplotlib.colormaps["tab10"](i % 10) for i in range(n)]
+
+
+def extra_memory_and_flops(ns, extra: dict[str, np.ndarray], flops, d: int):
+    """Two panels against ``N``: the extra memory (elements) of each algorithm in ``extra`` and the
+    FLOPs they share (``flops``, one array). Returns the figure; legends sit outside the data."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for (label, values), marker in zip(extra.items(), "os^v", strict=False):
+        left.loglog(ns, values, marker + "-", label=label)
+    left.set(xlabel="sequence length N", ylabel="extra memory (elements)", title="O(N^2) against O(N)")
+    right.loglog(ns, flops, "^-", color="k", label="both: 4 N^2 d")
+    right.set(xlabel="sequence length N", ylabel="FLOPs", title=f"the same arithmetic (d = {d})")
+    for ax in (left, right):
+        ax.set_xticks(ns, [f"{n:.0f}" for n in ns])
+        ax.minorticks_off()
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+ROOFLINE_PRECISIONS = (("bf16", 2), ("fp32", 4))  # (precision, bytes per element)
+STAT_BYTES = {"l": 4, "m": 4, "lse": 4, "Z": 1}  # row statistics in float32, a dropout mask in bytes
+
+
+def attention_intensities(n: int, d: int, block_q: int, element_bytes: int) -> dict[str, float]:
+    """FLOP per HBM byte of the attention forward (``4 N^2 d`` FLOPs, closed-form traffic, no cache):
+    standard attention, standard with separate scale/mask/dropout kernels, and FA2 with ``block_q``
+    query rows per tile (FA2's traffic re-reads K and V once per query block, so ``block_k`` does not
+    matter without a mask)."""
+    flops = attention_flops(n, n, d)
+    points = {
+        "standard (Alg. 0)": forward_traffic("standard", n, n, d),
+        "standard + scale, mask, dropout kernels": total(standard_kernels(n, n, d)),
+        f"FA2, B_r = {block_q} query rows": forward_traffic("fa2", n, n, d, block_q=block_q, block_k=64),
+    }
+    return {label: flops / t.nbytes(element_bytes, STAT_BYTES) for label, t in points.items()}
+
+
+def attention_roofline(axes, n: int = 4096, d: int = 64, block_q: int = 128, gpu: str = "H200") -> dict:
+    """One roofline panel per precision of :data:`ROOFLINE_PRECISIONS` in ``axes``, with
+    :func:`attention_intensities` placed on it. Returns ``{precision: {label: intensity}}``."""
+    out = {}
+    for ax, (precision, nbytes) in zip(axes, ROOFLINE_PRECISIONS, strict=True):
+        roof = gpu_roof(gpu, precision)
+        out[precision] = attention_intensities(n, d, block_q, nbytes)
+        draw_roofline(ax, roof, out[precision])
+        ax.set_title(
+            f"{gpu}, {precision}: {roof.peak_flops / 1e12:.0f} TFLOP/s, {roof.bytes_per_s / 1e12:.1f} TB/s"
+        )
+    return out
