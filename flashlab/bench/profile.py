@@ -108,6 +108,13 @@ def ncu_command(args, ncu: str) -> list[str]:
             "--csv",
             "--page",
             "raw",
+            "--clock-control",
+            "none",  # leave the clocks as the benchmarks see them
+            # numba's kernels are C++-mangled; their Python names are only in the mangled name
+            "--kernel-name-base",
+            "mangled",
+            "--print-kernel-base",
+            "mangled",
             "--kernel-name",
             f"regex:{regex}",
             "--launch-count",
@@ -183,7 +190,11 @@ def main(argv: list[str]) -> int:
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
         print(f"ncu failed with exit code {done.returncode}")
         return 1
-    kernels = parse_raw_csv(done.stdout)
+    try:
+        kernels = parse_raw_csv(done.stdout)
+    except ValueError:
+        print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
+        raise
     version = subprocess.run([args.ncu, "--version"], capture_output=True, text=True).stdout.strip()
     meta = provenance() | {
         "ncu command": " ".join(command),
