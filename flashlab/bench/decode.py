@@ -14,7 +14,8 @@ read from HBM, and the CPU's launch work hides behind that write), CUDA events a
 the median of ``--repeat``. ``kv_bytes`` = bytes of K and V; ``bound_ms`` = kv_bytes / HBM
 bandwidth (data/hardware.json); ``hbm_fraction`` = bound_ms / ms. ``max_abs_err`` is against
 float64 attention of the first two heads of the first sequence, ``err_bound`` the derived bound
-(:func:`flashlab.tolerance.attention_bound`) in float32 (float16 for torch's float16 rows).
+(:func:`flashlab.tolerance.attention_bound`) in float32; for torch's float16 rows
+:func:`flashlab.precision.tensor_core_bound` (16-bit inputs and P, float32 sums).
 Without a GPU the same rows run on the CPU (kernels in the simulator, wall-clock time): that
 only checks the command at tiny sizes.
 """
@@ -121,6 +122,7 @@ def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float) 
     """Time and check one implementation on one input; failures become a ``note``."""
     import torch
 
+    from flashlab.precision import tensor_core_bound
     from flashlab.tolerance import attention_bound
 
     batch, heads, _, d = q.shape
@@ -131,9 +133,13 @@ def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float) 
     try:
         run, splits = RUNNERS[impl](q, k, v)
         o = run()[0, :REF_HEADS].double().cpu().numpy()
-        ours = impl == "flashlab_decode"  # float32 compute; torch computes in the cache dtype
-        first = [x[0, :REF_HEADS].double().cpu().numpy() for x in (q if ours else q.to(k.dtype), k, v)]
-        bound = attention_bound(*first, dtype="float32" if ours else kv_dtype).atol
+        # flashlab computes in float32; torch's float16 kernels take q in float16, P rounded to 16 bits,
+        # and accumulate in float32 (the tensor-core bound of chapter 8)
+        first = [x[0, :REF_HEADS].double().cpu().numpy() for x in (q, k, v)]
+        if impl == "flashlab_decode" or kv_dtype == "float32":
+            bound = attention_bound(*first, dtype="float32").atol
+        else:
+            bound = tensor_core_bound(*first, kv_dtype).atol
         ms = time_ms(run, repeat, warmup)
         out |= {"ms": ms, "gb_per_s": kv_bytes / ms / 1e6, "hbm_fraction": kv_bytes / bandwidth * 1e3 / ms}
         out |= {
