@@ -2,8 +2,8 @@
 
 Importing flashlab decides, before numba is imported, whether numba.cuda kernels run on a GPU
 or in numba's CUDA simulator (see :mod:`flashlab.device`). The GPU kernels live in
-:mod:`flashlab.gpu` (import it explicitly; it imports numba), the PyTorch bridge in
-:mod:`flashlab.torch`.
+:mod:`flashlab.gpu` (import it explicitly; it imports numba), the differentiable torch op in
+:mod:`flashlab.autograd`.
 """
 
 from flashlab import device as device
