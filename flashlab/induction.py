@@ -1,0 +1,103 @@
+"""An induction task, made up on the fly, and a seeded training loop for :mod:`flashlab.transformer`.
+
+A sequence is ``L`` distinct random tokens followed by the same ``L`` tokens again. Predicting the next
+token in the second half needs attention twice: find where the current token appeared before, and copy
+the token that followed it there. That is an *induction head* (Olsson et al., 2022); in the first half the
+next token is a fresh random draw that nothing can predict, so loss and accuracy are scored on the second
+half only, where chance is about ``1/vocab``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+
+from flashlab.tolerance import Bound, attention_bound
+from flashlab.transformer import AttentionOnly, sdpa
+
+
+class Task(NamedTuple):
+    """``vocab`` token ids; sequences of ``2 * half`` tokens (the model reads the first ``2 half - 1``)."""
+
+    vocab: int = 32
+    half: int = 24
+
+    def batch(self, size: int, generator: torch.Generator):
+        """``(inputs, targets)`` int64 of shape ``(size, 2 half - 1)``: targets are inputs shifted by one."""
+        first = torch.argsort(torch.rand(size, self.vocab, generator=generator), dim=1)[:, : self.half]
+        seq = torch.cat([first, first], dim=1)
+        return seq[:, :-1], seq[:, 1:]
+
+    def scored(self) -> slice:
+        """The positions whose next token the first half determines (inputs ``half .. 2 half - 2``)."""
+        return slice(self.half, 2 * self.half - 1)
+
+
+TASK = Task()
+
+
+class History(NamedTuple):
+    """What :func:`train` returns: the model and, per step, loss and accuracy on that step's batch."""
+
+    model: AttentionOnly
+    loss: list[float]
+    accuracy: list[float]
+
+
+def train(
+    attention="sdpa", steps=400, *, task=TASK, batch=32, lr=3e-3, seed=0, dtype=torch.float32, device="cpu"
+):
+    """Train a fresh :class:`AttentionOnly` (2 layers, 4 heads of 16) with Adam on ``task`` for ``steps``.
+
+    The seed fixes the initial weights and every batch, so two runs differ only by what ``attention``
+    computes (a name in :data:`flashlab.transformer.ATTENTION` or a function). Loss: cross-entropy of the
+    scored positions, in nats; accuracy: the fraction of them whose most likely token is right.
+    """
+    torch.manual_seed(seed)
+    model = AttentionOnly(task.vocab, 2 * task.half).to(device=device, dtype=dtype)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses, accuracies = [], []
+    for _ in range(steps):
+        inputs, targets = (x.to(device) for x in task.batch(batch, generator))
+        logits = model(inputs, attention)[:, task.scored()]
+        wanted = targets[:, task.scored()]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, task.vocab), wanted.reshape(-1))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        accuracies.append((logits.argmax(-1) == wanted).float().mean().item())
+    return History(model, losses, accuracies)
+
+
+def loss_gap_bound(model: AttentionOnly, inputs, targets, task: Task = TASK) -> Bound:
+    """Bound on ``|loss(attention a) - loss(attention b)|`` when attention is the only float32 step.
+
+    Two attentions that are each within :func:`flashlab.tolerance.attention_bound` ``B_l`` of exact
+    attention in layer ``l`` move the loss, to first order, by at most ``sum_l 2 B_l ||dL/do_l||_1``
+    (``dL/do_l``: the loss's total derivative in layer ``l``'s attention output ``o_l``, which includes
+    every later layer). Computed with the model in float64 and float32 SDPA inside the heads.
+    """
+    seen = []
+
+    def float32_sdpa(q, k, v):
+        o = sdpa(q.float(), k.float(), v.float()).double().requires_grad_()
+        seen.append(((q, k, v), o))
+        return o
+
+    wide = copy.deepcopy(model).double()
+    logits = wide(inputs, float32_sdpa)[:, task.scored()]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, task.vocab), targets[:, task.scored()].reshape(-1)
+    )
+    grads = torch.autograd.grad(loss, [o for _, o in seen])
+    terms = [
+        2 * attention_bound(*(x.detach().float().numpy() for x in qkv)).atol * float(g.abs().sum())
+        for (qkv, _), g in zip(seen, grads, strict=True)
+    ]
+    return Bound(
+        sum(terms), f"first order: sum over {len(terms)} layers of 2 x attention_bound x ||dL/do||_1"
+    )
