@@ -12,8 +12,12 @@ from __future__ import annotations
 import copy
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from flashlab.attention import naive_attention
+from flashlab.flash import TileStep
+from flashlab.inputs import causal_mask
 from flashlab.tolerance import Bound, attention_bound
 from flashlab.transformer import AttentionOnly, sdpa
 
@@ -101,3 +105,35 @@ def loss_gap_bound(model: AttentionOnly, inputs, targets, task: Task = TASK) -> 
     return Bound(
         sum(terms), f"first order: sum over {len(terms)} layers of 2 x attention_bound x ||dL/do||_1"
     )
+
+
+def attention_maps(model: AttentionOnly, inputs) -> list[np.ndarray]:
+    """Per layer, every head's attention weights ``P (B, heads, N, N)`` on ``inputs`` (float64, causal)."""
+    maps = []
+    for q, k, v in model.queries_keys_values(inputs):
+        q64, k64 = q.double().numpy(), k.double().numpy()
+        _, lse = naive_attention(q64, k64, v.double().numpy(), causal=True, return_lse=True)
+        s = q64 @ np.swapaxes(k64, -1, -2) / np.sqrt(q64.shape[-1])
+        maps.append(np.where(causal_mask(*s.shape[-2:]), np.exp(s - lse[..., None]), 0.0))
+    return maps
+
+
+def induction_scores(maps: list[np.ndarray], task: Task = TASK) -> np.ndarray:
+    """``(layers, heads)``: the mean weight a scored query ``t`` puts on key ``t - half + 1``, the token
+    that followed the current token's first occurrence (1 for a perfect induction head)."""
+    t = np.arange(task.scored().start, task.scored().stop)
+    return np.array([p[..., t, t - task.half + 1].mean(axis=(0, -1)) for p in maps])
+
+
+def max_changes(trace: list[TileStep], n_q: int) -> np.ndarray:
+    """Per tile ``(i, j)`` of a :func:`flashlab.flash.flash_attention` ``trace`` of one head (``q (N_q, d)``),
+    ``(T_r, T_c)`` ints: in how many of the tile's query rows the running max rose, so that the online
+    softmax rescaled what those rows had summed so far by ``exp(m_old - m_new) < 1``."""
+    counts = np.zeros((max(s.i for s in trace) + 1, max(s.j for s in trace) + 1), dtype=int)
+    m = np.full(n_q, -np.inf)
+    for step in trace:
+        if not step.skipped:
+            rows = slice(*step.rows)
+            counts[step.i, step.j] = np.sum(np.isfinite(m[rows]) & (step.m > m[rows]))
+            m[rows] = step.m
+    return counts
