@@ -1,10 +1,10 @@
 """An induction task, made up on the fly, and a seeded training loop for :mod:`flashlab.transformer`.
 
-A sequence is ``L`` distinct random tokens followed by the same ``L`` tokens again. Predicting the next
-token in the second half needs attention twice: find where the current token appeared before, and copy
-the token that followed it there. That is an *induction head* (Olsson et al., 2022); in the first half the
-next token is a fresh random draw that nothing can predict, so loss and accuracy are scored on the second
-half only, where chance is about ``1/vocab``.
+A sequence is filler, then a segment of ``L`` distinct random tokens, then the same segment again, ``2 half``
+tokens in all, with ``L`` drawn per sequence (so no fixed offset gives the answer away). Predicting the next
+token inside the repeat needs attention twice: find where the current token appeared before, and copy the
+token that followed it there. That is an *induction head* (Olsson et al., 2022). Elsewhere the next token is
+a fresh random draw, so loss and accuracy are scored inside the repeat only, where chance is ``1/vocab``.
 """
 
 from __future__ import annotations
@@ -22,21 +22,39 @@ from flashlab.tolerance import Bound, attention_bound
 from flashlab.transformer import AttentionOnly, sdpa
 
 
+class Batch(NamedTuple):
+    """``inputs, targets`` int64 ``(B, 2 half - 1)`` (targets: inputs shifted by one); ``scored`` bool, the
+    positions whose next token the segment determines; ``period`` int64 ``(B,)``, each segment's ``L``."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    scored: torch.Tensor
+    period: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(x.to(device) for x in self))
+
+
 class Task(NamedTuple):
-    """``vocab`` token ids; sequences of ``2 * half`` tokens (the model reads the first ``2 half - 1``)."""
+    """``vocab`` token ids; sequences of ``2 * half`` tokens, segments of ``half // 2 .. half`` tokens."""
 
-    vocab: int = 32
-    half: int = 24
+    vocab: int = 24
+    half: int = 16
 
-    def batch(self, size: int, generator: torch.Generator):
-        """``(inputs, targets)`` int64 of shape ``(size, 2 half - 1)``: targets are inputs shifted by one."""
-        first = torch.argsort(torch.rand(size, self.vocab, generator=generator), dim=1)[:, : self.half]
-        seq = torch.cat([first, first], dim=1)
-        return seq[:, :-1], seq[:, 1:]
-
-    def scored(self) -> slice:
-        """The positions whose next token the first half determines (inputs ``half .. 2 half - 2``)."""
-        return slice(self.half, 2 * self.half - 1)
+    def batch(self, size: int, generator: torch.Generator) -> Batch:
+        """``size`` sequences: filler from the tokens not in the segment, the segment, the segment again."""
+        if self.vocab <= self.half:
+            raise ValueError(f"vocab={self.vocab} must exceed half={self.half} (filler uses other tokens)")
+        perm = torch.argsort(torch.rand(size, self.vocab, generator=generator), dim=1)
+        period = torch.randint(self.half // 2, self.half + 1, (size,), generator=generator)
+        filler = torch.randint(self.half, self.vocab, (size, 2 * self.half), generator=generator)
+        pos = torch.arange(2 * self.half)
+        start = 2 * self.half - 2 * period[:, None]  # where the first copy begins
+        in_segment = (pos >= start) & (pos - start < 2 * period[:, None])
+        index = torch.where(in_segment, (pos - start) % period[:, None], filler)
+        seq = torch.gather(perm, 1, index)
+        scored = pos[:-1] >= start + period[:, None]  # inputs inside the repeat
+        return Batch(seq[:, :-1], seq[:, 1:], scored, period)
 
 
 TASK = Task()
@@ -51,7 +69,7 @@ class History(NamedTuple):
 
 
 def train(
-    attention="sdpa", steps=400, *, task=TASK, batch=32, lr=3e-3, seed=0, dtype=torch.float32, device="cpu"
+    attention="sdpa", steps=700, *, task=TASK, batch=32, lr=3e-3, seed=0, dtype=torch.float32, device="cpu"
 ):
     """Train a fresh :class:`AttentionOnly` (2 layers, 4 heads of 16) with Adam on ``task`` for ``steps``.
 
@@ -65,10 +83,9 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     losses, accuracies = [], []
     for _ in range(steps):
-        inputs, targets = (x.to(device) for x in task.batch(batch, generator))
-        logits = model(inputs, attention)[:, task.scored()]
-        wanted = targets[:, task.scored()]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, task.vocab), wanted.reshape(-1))
+        b = task.batch(batch, generator).to(device)
+        logits, wanted = model(b.inputs, attention)[b.scored], b.targets[b.scored]
+        loss = torch.nn.functional.cross_entropy(logits, wanted)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -77,7 +94,7 @@ def train(
     return History(model, losses, accuracies)
 
 
-def loss_gap_bound(model: AttentionOnly, inputs, targets, task: Task = TASK) -> Bound:
+def loss_gap_bound(model: AttentionOnly, batch: Batch) -> Bound:
     """Bound on ``|loss(attention a) - loss(attention b)|`` when attention is the only float32 step.
 
     Two attentions that are each within :func:`flashlab.tolerance.attention_bound` ``B_l`` of exact
@@ -93,10 +110,8 @@ def loss_gap_bound(model: AttentionOnly, inputs, targets, task: Task = TASK) -> 
         return o
 
     wide = copy.deepcopy(model).double()
-    logits = wide(inputs, float32_sdpa)[:, task.scored()]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, task.vocab), targets[:, task.scored()].reshape(-1)
-    )
+    logits = wide(batch.inputs, float32_sdpa)[batch.scored]
+    loss = torch.nn.functional.cross_entropy(logits, batch.targets[batch.scored])
     grads = torch.autograd.grad(loss, [o for _, o in seen])
     terms = [
         2 * attention_bound(*(x.detach().float().numpy() for x in qkv)).atol * float(g.abs().sum())
@@ -118,11 +133,12 @@ def attention_maps(model: AttentionOnly, inputs) -> list[np.ndarray]:
     return maps
 
 
-def induction_scores(maps: list[np.ndarray], task: Task = TASK) -> np.ndarray:
-    """``(layers, heads)``: the mean weight a scored query ``t`` puts on key ``t - half + 1``, the token
-    that followed the current token's first occurrence (1 for a perfect induction head)."""
-    t = np.arange(task.scored().start, task.scored().stop)
-    return np.array([p[..., t, t - task.half + 1].mean(axis=(0, -1)) for p in maps])
+def induction_scores(maps: list[np.ndarray], batch: Batch) -> np.ndarray:
+    """``(layers, heads)``: the mean weight a scored query ``t`` puts on key ``t - L + 1``, the token that
+    followed the current token in the first copy (1 for a perfect induction head)."""
+    b, t = np.nonzero(batch.scored.numpy())
+    key = t - batch.period.numpy()[b] + 1
+    return np.array([p[b, :, t, key].mean(axis=0) for p in maps])
 
 
 def max_changes(trace: list[TileStep], n_q: int) -> np.ndarray:

@@ -7,6 +7,7 @@ TARGETS = {
     "cpu": "flashlab.bench.cpu",
     "gpu": "flashlab.bench.gpu",
     "memory": "flashlab.bench.memory",
+    "train": "flashlab.bench.train",
 }
 
 
