@@ -3,8 +3,8 @@
 Importing flashlab decides, before numba is imported, whether numba.cuda kernels run on a GPU
 or in numba's CUDA simulator (see :mod:`flashlab.device`). ``flashlab.flash_attention`` is the
 NumPy version; the numba.cuda kernels are :mod:`flashlab.cuda` (``flashlab.cuda.flash_attention``,
-``flashlab.cuda.flash_attention_backward``; import it explicitly, it imports numba), the PyTorch
-bridge is :mod:`flashlab.torch`. ARCHITECTURE.md describes the layers.
+``flashlab.cuda.flash_attention_backward``; import it explicitly, it imports numba), the
+differentiable torch op is :mod:`flashlab.autograd`. ARCHITECTURE.md describes the layers.
 """
 
 from flashlab import device as device

@@ -1,4 +1,4 @@
-"""Chapter 5: the backward pass (NumPy Algorithm 4, the standard backward, the torch bridge, the kernel)."""
+"""Chapter 5: the backward pass (NumPy Algorithm 4, the standard backward, the kernel)."""
 
 import math
 
@@ -18,7 +18,6 @@ from flashlab.cuda.registry import make_kernel
 from flashlab.flash import flash_attention
 from flashlab.inputs import causal_mask
 from flashlab.memory import MemoryModel
-from flashlab.torch import flash_attention as torch_flash_attention
 from tests.conftest import requires_gpu
 from tests.strategies import attention_problems
 
@@ -237,46 +236,6 @@ def test_flash_backward_moves_less_than_the_standard_backward_as_n_grows():
         assert standard.traffic().reads["P"] == 2 * n * n and "P" not in flash.traffic().reads
         ratios.append(standard.hbm_bytes / flash.hbm_bytes)
     assert ratios[0] < ratios[1] < ratios[2]
-
-
-# --- the torch bridge --------------------------------------------------------------------------
-@pytest.mark.parametrize("n_q, n_k, causal", [(13, 21, False), (17, 17, True), (9, 30, True)])
-def test_torch_bridge_gradients_equal_sdpa(n_q, n_k, causal):
-    torch.manual_seed(0)
-    q = torch.randn(2, 3, n_q, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, n_k, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 3, n_k, 5, dtype=torch.float64, requires_grad=True)
-    o = torch_flash_attention(q, k, v, causal=causal, block_q=4, block_k=6)
-    (o**2).sum().backward()
-    ours = [x.grad.clone() for x in (q, k, v)]
-    for x in (q, k, v):
-        x.grad = None
-    mask = torch.from_numpy(causal_mask(n_q, n_k)) if causal else None
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    (ref**2).sum().backward()
-    torch.testing.assert_close(o, ref, rtol=1e-12, atol=1e-12)
-    for a, x in zip(ours, (q, k, v), strict=True):
-        torch.testing.assert_close(a, x.grad, rtol=1e-10, atol=1e-12)
-
-
-def test_torch_bridge_saves_lse_not_p_and_passes_gradcheck():
-    torch.manual_seed(1)
-    q = torch.randn(40, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(50, 3, dtype=torch.float64, requires_grad=True)
-    o = torch_flash_attention(q, k, v, causal=True, block_q=16, block_k=16)
-    saved = o.grad_fn.saved_tensors
-    assert max(t.numel() for t in saved) < 40 * 50, "an N_q x N_k matrix was saved for the backward"
-    assert any(tuple(t.shape) == (40,) for t in saved), "the row log-sum-exp was not saved"
-    small = [x[:5].detach().requires_grad_() for x in (q, k, v)]
-    assert torch.autograd.gradcheck(
-        lambda *a: torch_flash_attention(*a, causal=True, block_q=2, block_k=3), small
-    )
-
-
-def test_torch_bridge_rejects_arrays():
-    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
-        torch_flash_attention(np.ones((3, 4)), torch.ones(3, 4), torch.ones(3, 4))
 
 
 # --- the numba.cuda kernel (simulator here) ------------------------------------------------------

@@ -11,6 +11,7 @@ TARGETS = {
     "kernels": "flashlab.bench.kernels",
     "decode": "flashlab.bench.decode",
     "tensor-cores": "flashlab.bench.tensor_core",
+    "train": "flashlab.bench.train",
 }
 
 
