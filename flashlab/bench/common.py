@@ -41,7 +41,7 @@ def attention_tflops(n_q: int, n_k: int, d: int, heads: int, seconds: float, cau
 def provenance(command: str | None = None) -> dict:
     """Where and how a result was produced: host, device, library versions, UTC date, command."""
     info = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command or "python -m flashlab.bench " + " ".join(sys.argv[1:]),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
