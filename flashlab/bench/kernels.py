@@ -145,6 +145,8 @@ def sass_of(kernel, tiles, options, d, causal) -> dict:
     spec = launch.kernel_spec(kernel, d, causal, tiles, **options)
     try:
         sass = launch.compiled(spec).inspect_sass()
+        if isinstance(sass, dict):  # a dispatcher keyed by signature: the spec compiles exactly one
+            (sass,) = sass.values()
     except Exception as e:  # nvdisasm not installed: the timings stay, the counts say why they are absent
         return {"tiles": _tiles_text(spec), "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     return {"tiles": _tiles_text(spec)} | sass_counts(sass)
