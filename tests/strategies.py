@@ -1,27 +1,24 @@
-"""Hypothesis strategies and tolerances shared by the attention tests."""
+"""Hypothesis strategies and the derived-tolerance check shared by the attention tests."""
 
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
 
-# The tolerance is what assert_close checks, with no hidden factor. float64 results agree to ~1e-14.
-# float32 needs more: the tests draw logits of several hundred (q spread 10, scale up to 3), and exp
-# turns a score's rounding error |s| * 6e-8 into that relative error of its weight (seen: 4e-5).
-RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-12}
+from flashlab.tolerance import Bound, attention_bound, check_close
 
 
-def assert_close(actual, expected, dtype, what="output"):
-    """Relative agreement scaled by the largest magnitude (rows of zeros and -inf lse allowed)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    same_inf = np.isinf(expected) & (actual == expected)
-    assert np.array_equal(np.isinf(actual), np.isinf(expected)), f"{what}: -inf pattern differs"
-    a, e = np.where(same_inf, 0, actual), np.where(same_inf, 0, expected)
-    assert np.all(np.isfinite(a)), f"{what}: non-finite values from finite input"
-    scale = max(1.0, float(np.max(np.abs(e), initial=0.0)))
-    err = float(np.max(np.abs(a - e), initial=0.0)) / scale
-    assert err <= RTOL[np.dtype(dtype)], f"{what}: relative error {err:.3g} for {np.dtype(dtype)}"
+def assert_close(actual, expected, q, k, v, *, quantity="o", scale=None, dtype=None, what=None):
+    """``actual`` within the derived bound (:func:`flashlab.tolerance.attention_bound`) of ``expected``.
+
+    ``q, k, v`` are the inputs both were computed from; ``dtype`` the compute dtype (default q's). A
+    float64 ``expected`` is the reference; one computed in a lower precision doubles the bound (two
+    computations of one exact value, each within it).
+    """
+    bound = attention_bound(q, k, v, dtype=dtype, scale=scale, quantity=quantity)
+    if np.asarray(expected).dtype != np.float64:
+        bound = Bound(2 * bound.atol, "twice " + bound.formula)
+    check_close(actual, expected, bound, what or quantity)
 
 
 @st.composite

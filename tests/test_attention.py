@@ -36,8 +36,8 @@ def lse_reference(q, k, causal, scale):
 def test_matches_torch_sdpa_float64(problem):
     q, k, v, causal = problem
     o, lse = naive_attention(q, k, v, causal=causal, return_lse=True)
-    assert_close(o, sdpa(q, k, v, causal), np.float64)
-    assert_close(lse, lse_reference(q, k, causal, 1 / np.sqrt(q.shape[-1])), np.float64, "lse")
+    assert_close(o, sdpa(q, k, v, causal), q, k, v)
+    assert_close(lse, lse_reference(q, k, causal, 1 / np.sqrt(q.shape[-1])), q, k, v, quantity="lse")
 
 
 @given(attention_problems(max_n=60, dtypes=(np.float32,)), st.floats(0.01, 3.0))
@@ -45,7 +45,7 @@ def test_matches_torch_sdpa_float32_with_explicit_scale(problem, scale):
     q, k, v, causal = problem
     o = naive_attention(q, k, v, causal=causal, scale=scale)
     assert o.dtype == np.float32
-    assert_close(o, sdpa(q, k, v, causal, scale), np.float32)
+    assert_close(o, sdpa(*(x.astype(np.float64) for x in (q, k, v)), causal, scale), q, k, v, scale=scale)
 
 
 def test_broadcast_leading_dims_like_heads_sharing_keys():
@@ -56,7 +56,7 @@ def test_broadcast_leading_dims_like_heads_sharing_keys():
     o = naive_attention(q, k, v)
     assert o.shape == (2, 4, 5, 3)
     k_full, v_full = np.broadcast_to(k, (2, 4, 7, 8)).copy(), np.broadcast_to(v, (2, 4, 7, 3)).copy()
-    assert_close(o, sdpa(q, k_full, v_full, False), np.float64)
+    assert_close(o, sdpa(q, k_full, v_full, False), q, k_full, v_full)
 
 
 def test_causal_is_bottom_right_not_top_left():
@@ -85,9 +85,10 @@ def test_large_logits_stay_finite_and_exact():
     q = rng.standard_normal((16, 8)) * 300  # logits of order 1e4: exp overflows without the max
     k, v = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
     for dtype in (np.float32, np.float64):
-        o = naive_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+        qd, kd, vd = (x.astype(dtype) for x in (q, k, v))
+        o = naive_attention(qd, kd, vd)
         assert np.all(np.isfinite(o))
-        assert_close(o, sdpa(q, k, v, False).astype(dtype), dtype)
+        assert_close(o, sdpa(*(x.astype(np.float64) for x in (qd, kd, vd)), False), qd, kd, vd)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

@@ -62,27 +62,7 @@ USED_BEFORE_DEFINED = {
 
 #: notebook stem -> {cell id: the size it had when listed}; cells over the size rules, to empty
 TOO_LONG = {
-    "01_online_softmax": {
-        "4af15475": "34 lines",
-        "52d562e8": "37 lines",
-        "93adef4a": "318 words",
-        "61168d9f": "35 lines",
-    },
-    "02_tiling_numpy": {"8fac7a46": "267 words"},
-    "03_io_complexity": {
-        "4ec7d3c8": "287 words",
-        "6ae85d68": "62 lines",
-        "1f150f97": "270 words",
-        "009e0601": "35 lines",
-        "31213a25": "32 lines",
-    },
-    "04_numba_cuda": {
-        "45b5c738": "280 words",
-        "7805ee32": "31 lines",
-        "80e8b3c6": "137 lines",
-        "6ed74917": "408 words",
-        "f50039b6": "56 lines",
-    },
+    "04_numba_cuda": {"45b5c738": "280 words"},
     "05_backward": {
         "a210dee7": "32 lines",
         "60e78877": "257 words",
@@ -91,13 +71,6 @@ TOO_LONG = {
         "afcd66aa": "33 lines",
         "88f6da7b": "597 words",
         "ea9be360": "320 words",
-        "24df7dc2": "40 lines",
-    },
-    "06_explorers": {
-        "explorers-00": "257 words",
-        "explorers-03": "565 words",
-        "explorers-06": "50 lines",
-        "explorers-07": "332 words",
     },
 }
 

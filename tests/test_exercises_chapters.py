@@ -47,9 +47,9 @@ def test_fa2_tile_update_folded_over_tiles_in_any_order_is_attention(problem, bl
         m, l, acc = fa2_tile_update(m, l, acc, s, v_j)  # noqa: E741
     o, lse = naive_attention(q, k, v, causal=causal, return_lse=True)
     assert np.all(np.isfinite(l)) and np.all(np.isfinite(acc))
-    assert_close(acc / np.where(l > 0, l, 1.0)[:, None], o, q.dtype)
+    assert_close(acc / np.where(l > 0, l, 1.0)[:, None], o, q, k, v)
     with np.errstate(divide="ignore"):
-        assert_close(m + np.log(l), lse, q.dtype, what="lse")
+        assert_close(m + np.log(l), lse, q, k, v, quantity="lse")
 
 
 def test_fa2_tile_update_checker_accepts_the_solution_and_names_mistakes(capsys):

@@ -44,8 +44,8 @@ def test_equals_naive_attention(problem, data, loop_order):
     )
     o_ref, lse_ref = naive_attention(q, k, v, causal=causal, return_lse=True)
     assert o.dtype == o_ref.dtype and lse.dtype == lse_ref.dtype
-    assert_close(o, o_ref, q.dtype, "o")
-    assert_close(lse, lse_ref, q.dtype, "lse")
+    assert_close(o, o_ref, q, k, v)
+    assert_close(lse, lse_ref, q, k, v, quantity="lse")
 
 
 @given(
@@ -80,8 +80,8 @@ def test_large_logits_are_finite_and_exact(dtype, loop_order):
         o_ref, lse_ref = naive_attention(q, k, v, causal=causal, return_lse=True)
         assert np.all(np.isfinite(o)) and np.all(np.isfinite(lse))
         assert np.max(np.abs(lse)) > 1e3  # the logits really are large
-        assert_close(o, o_ref, dtype, "o")
-        assert_close(lse, lse_ref, dtype, "lse")
+        assert_close(o, o_ref, q, k, v)
+        assert_close(lse, lse_ref, q, k, v, quantity="lse")
 
 
 @pytest.mark.parametrize("loop_order", LOOP_ORDERS)
@@ -96,8 +96,8 @@ def test_fully_masked_rows_give_zero_and_minus_inf(loop_order, block_q, block_k)
     assert np.all(o[:14] == 0) and np.all(lse[:14] == -np.inf)
     assert np.all(np.isfinite(lse[14:])) and np.all(np.abs(o[14:]).sum(axis=1) > 0)
     o_ref, lse_ref = naive_attention(q, k, v, causal=True, return_lse=True)
-    assert_close(o, o_ref, np.float64)
-    assert_close(lse, lse_ref, np.float64, "lse")
+    assert_close(o, o_ref, q, k, v)
+    assert_close(lse, lse_ref, q, k, v, quantity="lse")
 
 
 def test_empty_key_set_and_float16_and_broadcast():

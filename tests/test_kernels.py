@@ -53,8 +53,8 @@ def test_kernel_equals_naive_attention(kernel, causal, n_q, n_k):
     o, lse = flash_attention(q, k, v, kernel=kernel, causal=causal, return_lse=True, tiles=SMALL[kernel])
     want_o, want_lse = _reference(q, k, v, causal)
     assert o.dtype == np.float32 and o.shape == q.shape
-    assert_close(o, want_o, np.float32)
-    assert_close(lse, want_lse, np.float32, what="lse")
+    assert_close(o, want_o, q, k, v)
+    assert_close(lse, want_lse, q, k, v, quantity="lse")
     if causal and n_q > n_k:  # rows that see no key: o = 0, lse = -inf, as naive_attention
         assert np.all(o[:, : n_q - n_k] == 0) and np.all(lse[:, : n_q - n_k] == -np.inf)
 
@@ -74,8 +74,8 @@ def test_register_tiled_random_shapes_and_large_logits(n_q, n_k, d, causal, spre
         q, k, v, kernel="register_tiled", causal=causal, return_lse=True, tiles=SMALL["register_tiled"]
     )
     want_o, want_lse = _reference(q, k, v, causal)
-    assert_close(o, want_o, np.float32)
-    assert_close(lse, want_lse, np.float32, what="lse")
+    assert_close(o, want_o, q, k, v)
+    assert_close(lse, want_lse, q, k, v, quantity="lse")
 
 
 @pytest.mark.parametrize("options", [{"index": "signed"}, {"load_columns": 2}, {"load_columns": 16}])
@@ -89,8 +89,8 @@ def test_register_tiled_variants_compute_the_same(options):
     arrays = {"q": q, "k": k, "v": v}
     launch.run(spec, launch.forward_args(arrays, o, lse, 0.25))
     want_o, want_lse = _reference(q, k, v, True, scale=0.25)
-    assert_close(o, want_o, np.float32)
-    assert_close(lse, want_lse, np.float32, what="lse")
+    assert_close(o, want_o, q, k, v, scale=0.25)
+    assert_close(lse, want_lse, q, k, v, scale=0.25, quantity="lse")
 
 
 def test_default_tiles_scale_broadcast_and_float16():
@@ -136,7 +136,7 @@ def test_counted_kernel_traffic_equals_the_model(kernel, causal, n_q, n_k):
     traffic, o, lse = kernel_traffic.count_traffic(q, k, v, kernel=kernel, causal=causal, tiles=SMALL[kernel])
     model = kernel_traffic.model_traffic(traffic, n_q, n_k, 16, causal=causal, batch=2)
     assert traffic.hbm() == model
-    assert_close(o, _reference(q, k, v, causal)[0], np.float32)  # the counted run computes the answer
+    assert_close(o, _reference(q, k, v, causal)[0], q, k, v)  # the counted run computes the answer
     # Q once; K and V once per query block that computes with them (FA2's re-reads, shown)
     rereads = traffic.rereads()
     assert rereads["Q"] == 1.0
@@ -230,8 +230,8 @@ def test_exercise_kernel_is_the_rowwise_kernel():
     q, k, v = (x[0] for x in _inputs(9, 6, 16, seed=2))
     o, lse = run_rowwise(rowwise_key_step, q, k, v, causal=True)
     want_o, want_lse = _reference(q, k, v, True)
-    assert_close(o, want_o, np.float32)
-    assert_close(lse, want_lse, np.float32, what="lse")
+    assert_close(o, want_o, q, k, v)
+    assert_close(lse, want_lse, q, k, v, quantity="lse")
     assert make_kernel("rowwise", 16, True).block == (128,)
 
 

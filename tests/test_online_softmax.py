@@ -29,6 +29,7 @@ from flashlab.online_softmax import (
     safe_softmax,
     state_lse,
 )
+from flashlab.tolerance import Bound, check_close, softmax_bound
 from tests.strategies import assert_close, attention_problems
 
 EXP_LIMIT = {np.float32: math.log(np.finfo(np.float32).max), np.float64: math.log(np.finfo(np.float64).max)}
@@ -113,14 +114,15 @@ def test_online_equals_safe_equals_float64_reference(x):
     for fn in (safe_softmax, online_softmax):
         y = fn(x)
         assert y.dtype == x.dtype
-        assert_close(y, ref, x.dtype, what=fn.__name__)
-    assert_close(online_softmax(x), safe_softmax(x), x.dtype)
+        check_close(y, ref, softmax_bound(x), fn.__name__)
+    bound = softmax_bound(x)
+    check_close(online_softmax(x), safe_softmax(x), Bound(2 * bound.atol, "twice " + bound.formula))
 
 
 @given(score_vectors())
 def test_naive_softmax_agrees_while_exp_does_not_overflow(x):
     x = np.where(np.isfinite(x), np.clip(x, -30, 30), x).astype(x.dtype)
-    assert_close(naive_softmax(x), softmax64(x), x.dtype)
+    check_close(naive_softmax(x), softmax64(x), softmax_bound(x), "naive_softmax")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -183,8 +185,8 @@ def test_online_attention_equals_naive_attention(problem):
     o, lse = online_attention(q, k, v, causal=causal, return_lse=True)
     o_ref, lse_ref = naive_attention(q, k, v, causal=causal, return_lse=True)
     assert o.dtype == o_ref.dtype and lse.dtype == lse_ref.dtype
-    assert_close(o, o_ref, q.dtype)
-    assert_close(lse, lse_ref, q.dtype, what="lse")
+    assert_close(o, o_ref, q, k, v)
+    assert_close(lse, lse_ref, q, k, v, quantity="lse")
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -230,8 +232,8 @@ def test_any_chunking_and_any_merge_order_equals_one_pass(problem, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     _assert_same_state(merge_in_any_order(chunks, rng), one_pass)
     o_ref, lse_ref = naive_attention(q, k, v, causal=causal, return_lse=True)
-    assert_close(one_pass.o, o_ref, np.float64)
-    assert_close(state_lse(one_pass), lse_ref, np.float64, what="lse")
+    assert_close(one_pass.o, o_ref, q, k, v)
+    assert_close(state_lse(one_pass), lse_ref, q, k, v, quantity="lse")
 
 
 def test_merge_is_exactly_commutative_and_empty_is_its_identity():
