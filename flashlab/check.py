@@ -115,6 +115,9 @@ class _Spy:
         self.args: tuple | None = None
         self.result = None
 
+    def __getattr__(self, name):  # __globals__, __code__, ...: a kernel checker compiles fn's own source
+        return getattr(self.fn, name)
+
     def __call__(self, *args):
         self.args = tuple(_plain(a) for a in args)
         self.result = None

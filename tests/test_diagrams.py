@@ -32,8 +32,8 @@ def test_memory_hierarchy_shows_the_hardware_file(gpu):
     spec = hardware.spec(gpu)
     shared, hbm = levels[1], levels[2]
     assert (
-        shared["per_sm"] == spec["sram_bytes_per_sm"]
-        and shared["total"] == spec["sram_bytes_per_sm"] * spec["sm_count"]
+        shared["per_sm"] == hardware.shared_memory_bytes(gpu)
+        and shared["total"] == hardware.shared_memory_bytes(gpu) * spec["sm_count"]
     )
     assert hbm["total"] == max(spec["hbm_capacity_bytes"]) and hbm["bandwidth"] == max(
         spec["hbm_bytes_per_s"]

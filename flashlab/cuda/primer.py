@@ -341,7 +341,7 @@ def occupancy(threads: int, registers: int, shared_bytes: int, gpu: str = "H200"
     warps = math.ceil(threads / WARP)
     unit = SM90["register_unit"]
     per_warp = math.ceil(registers * WARP / unit) * unit
-    shared_sm = hardware.spec(gpu)["sram_bytes_per_sm"]
+    shared_sm = hardware.shared_memory_bytes(gpu)
     limits = {
         "threads": SM90["threads"] // (warps * WARP),
         "blocks": SM90["blocks"],
@@ -367,7 +367,7 @@ def fill_sm(threads: int, registers: int, shared_bytes: int, gpu: str = "H200") 
     have = {
         "threads": SM90["threads"],
         "registers": SM90["registers"],
-        "shared": hardware.spec(gpu)["sram_bytes_per_sm"],
+        "shared": hardware.shared_memory_bytes(gpu),
         "blocks": SM90["blocks"],
     }
     blocks = 0

@@ -77,8 +77,8 @@ def hierarchy_levels(gpu: str = "H200") -> list[dict]:
         {"name": "registers", "per_sm": registers, "total": registers * sms, "bandwidth": None},
         {
             "name": "shared memory (SRAM)",
-            "per_sm": spec["sram_bytes_per_sm"],
-            "total": spec["sram_bytes_per_sm"] * sms,
+            "per_sm": hardware.shared_memory_bytes(gpu),
+            "total": hardware.shared_memory_bytes(gpu) * sms,
             "bandwidth": spec.get("sram_bytes_per_s"),
         },
         {
