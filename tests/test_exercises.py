@@ -180,13 +180,7 @@ def test_a_missing_return_is_named(demo):
 #: notebook stem -> {cell id: what it does}: cells that check the reference solution or reveal it on Run
 #: All (under an unattempted exercise); each chapter's owner replaces the cell with
 #: ``check.show_solution("<name>")`` (a button), and the lead empties this list
-SOLUTION_ON_RUN_ALL = {
-    "01_online_softmax": {"9bbc3fd1": "online_update", "2061d285": "merge_states"},
-    "02_tiling_numpy": {"b02d11f2": "fa2_tile_update"},
-    "03_io_complexity": {"285fdc7c": "fa2_traffic"},
-    "04_numba_cuda": {"de051238": "rowwise_inner_loop (solution inline, checked)"},
-    "05_backward": {"ffc04e5a": "softmax_backward"},
-}
+SOLUTION_ON_RUN_ALL: dict[str, dict[str, str]] = {}
 CHECKS_A_SOLUTION = re.compile(r"check\(\s*[\"']\w+[\"']\s*,\s*[^)]*(solution|EXERCISES)")
 REVEALS = re.compile(r"reveal\s*=\s*True")
 

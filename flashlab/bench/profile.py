@@ -89,7 +89,8 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     :data:`KEY_METRICS` found (``{label: (value, unit)}``) and the stall reasons, largest first."""
     out = {}
     for target in dict.fromkeys(r["target"] for r in rows):
-        metrics = {r["metric"]: (r["unit"], r["value"]) for r in rows if r["target"] == target}
+        # the value column mixes numbers and text (ncu's 'no data', names), so it loads as text
+        metrics = {r["metric"]: (r["unit"], _number(str(r["value"]))) for r in rows if r["target"] == target}
         found = {label: metrics[m][::-1] for m, label in KEY_METRICS.items() if m in metrics}
         out[target] = {"metrics": found, "stalls": stall_reasons(metrics)}
     return out
