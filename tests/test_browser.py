@@ -2,9 +2,10 @@
 
 JupyterLab is started with the command ``make lab`` uses (:func:`flashlab.lab.command`) on a free
 127.0.0.1 port with temporary config, data, runtime, settings and workspace folders, no news or update
-checks and no language server. Chromium opens ``notebooks/06_explorers.ipynb``, waits for an idle
-kernel, runs all cells, moves a slider of each explorer with the keyboard and checks that the figure
-changed and that no error or stderr output appeared. Screenshots go to ``build/browser/``.
+checks and no language server. Chromium runs all cells of every chapter (waiting for an idle kernel
+first) and checks that none shows an error or a solution; in ``06_explorers`` and ``02_tiling_numpy``
+it moves a slider of each explorer with the keyboard and checks that the figure changed and that no
+error or stderr output appeared. Screenshots go to ``build/browser/``.
 
 The HTML export (``make html``: :func:`flashlab.lab.write_html`, static images ranked above widget views
 so that an explorer's output shows its figure, and a local MathJax) is opened in the same browser with
@@ -34,6 +35,7 @@ from flashlab import lab
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_explorers.ipynb"
+STEP_THROUGH = ROOT / "notebooks" / "02_tiling_numpy.ipynb"
 SHOTS = ROOT / "build" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -153,9 +155,8 @@ def jupyterlab(browser, tmp_path_factory):
             server.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def notebook(browser, jupyterlab):
-    """The explorer notebook open in JupyterLab after Run All, with every cell executed."""
+def _run_all(browser, jupyterlab, name: str, *selectors: str):
+    """Chapter ``name`` open in JupyterLab after Run All (kernel idle again, every cell numbered)."""
     base, token = jupyterlab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
@@ -167,14 +168,14 @@ def notebook(browser, jupyterlab):
             None if request.url.startswith((base, "data:", "blob:")) else page.outside.append(request.url)
         ),
     )
-    page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+    page.goto(f"{base}/lab/tree/{name}?token={token}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     _wait_for_idle_kernel(page)
     page.locator(".jp-NotebookPanel .jp-Notebook").first.click()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    page.wait_for_selector(".flashlab-block-size .widget-slider .noUi-handle")
-    page.wait_for_selector(".flashlab-step-through .widget-slider .noUi-handle")
+    for selector in selectors:
+        page.wait_for_selector(selector)
     page.wait_for_function(
         """() => {
             const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
@@ -183,6 +184,25 @@ def notebook(browser, jupyterlab):
     )
     _wait_for_idle_kernel(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
+    return page
+
+
+@pytest.fixture(scope="module")
+def notebook(browser, jupyterlab):
+    """The explorer chapter (6) open in JupyterLab after Run All, with every cell executed."""
+    page = _run_all(browser, jupyterlab, NOTEBOOK.name, ".flashlab-block-size .widget-slider .noUi-handle")
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def tiling(browser, jupyterlab):
+    """Chapter 2, where the step-through lives, after Run All."""
+    page = _run_all(
+        browser, jupyterlab, STEP_THROUGH.name, ".flashlab-step-through .widget-slider .noUi-handle"
+    )
     try:
         yield page
     finally:
@@ -249,10 +269,10 @@ def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(noteb
     _wait_for_text(page, n_slider.locator(".widget-readout"), "8192")
     _wait_for_text(page, status, "N = 8192,")  # the kernel redrew for the new N
     after_n = _wait_for_new_image(image, before)
-    # M one step down (192 -> 188 KiB): the blocks follow the paper's rule, B_c = ceil(M / 4d) = 188.
+    # M one step down (164 -> 160 KiB): the blocks follow the paper's rule, B_c = ceil(M / 4d) = 160.
     _press(page, m_slider.locator(".noUi-handle"), "ArrowLeft")
-    _wait_for_text(page, b_c.locator(".widget-readout"), "188")
-    _wait_for_text(page, status, "on chip of 192,512 B")  # 188 KiB
+    _wait_for_text(page, b_c.locator(".widget-readout"), "160")
+    _wait_for_text(page, status, "on chip of 163,840 B")  # 160 KiB
     _wait_for_new_image(image, after_n)
     assert status.inner_text().startswith("fits in SRAM")
     explorer.scroll_into_view_if_needed()
@@ -261,8 +281,8 @@ def test_block_size_explorer_redraws_when_a_slider_moves_with_the_keyboard(noteb
     _assert_no_errors(page)
 
 
-def test_step_through_redraws_with_the_keyboard_and_plays(notebook):
-    page = notebook
+def test_step_through_redraws_with_the_keyboard_and_plays(tiling):
+    page = tiling
     explorer = page.locator(".flashlab-step-through")
     image, status = explorer.locator("img").first, explorer.locator(".flashlab-status")
     explorer.scroll_into_view_if_needed()
@@ -285,6 +305,23 @@ def test_step_through_redraws_with_the_keyboard_and_plays(notebook):
     explorer.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "step_through_playing.png"))
     _assert_no_errors(page)
+
+
+OTHER_CHAPTERS = sorted(
+    path.name for path in (ROOT / "notebooks").glob("*.ipynb") if path not in (NOTEBOOK, STEP_THROUGH)
+)
+
+
+@pytest.mark.parametrize("name", OTHER_CHAPTERS)
+def test_run_all_completes_every_chapter_with_no_error_and_no_solution(browser, jupyterlab, name):
+    page = _run_all(browser, jupyterlab, name)
+    try:
+        _assert_no_errors(page)
+        outputs = " ".join(page.locator(".jp-OutputArea").all_inner_texts())
+        assert "def solution" not in outputs and "] correct" not in outputs, f"{name}: a solution shows"
+        assert page.outside == [], f"{name} fetched from outside: {page.outside}"
+    finally:
+        page.close()
 
 
 def test_jupyterlab_calls_nothing_outside_this_machine(notebook):
