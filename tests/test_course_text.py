@@ -61,18 +61,7 @@ USED_BEFORE_DEFINED = {
 }
 
 #: notebook stem -> {cell id: the size it had when listed}; cells over the size rules, to empty
-TOO_LONG = {
-    "04_numba_cuda": {"45b5c738": "280 words"},
-    "05_backward": {
-        "a210dee7": "32 lines",
-        "60e78877": "257 words",
-        "15ab2480": "33 lines",
-        "6e13c802": "273 words",
-        "afcd66aa": "33 lines",
-        "88f6da7b": "597 words",
-        "ea9be360": "320 words",
-    },
-}
+TOO_LONG: dict[str, dict[str, str]] = {}
 
 BOLD = re.compile(r"\*\*(.+?)\*\*", re.S)
 
