@@ -168,7 +168,8 @@ def _run_all(browser, jupyterlab, name: str, *selectors: str):
             None if request.url.startswith((base, "data:", "blob:")) else page.outside.append(request.url)
         ),
     )
-    page.goto(f"{base}/lab/tree/{name}?token={token}")
+    # a workspace of its own, reset: only this chapter is open (chapters stay open in a shared one)
+    page.goto(f"{base}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={token}")
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell")
     _wait_for_idle_kernel(page)
     page.locator(".jp-NotebookPanel .jp-Notebook").first.click()
