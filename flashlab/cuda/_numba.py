@@ -101,7 +101,8 @@ class SharedMemory:
                 dtype = numpy_support.as_dtype(dtype)
                 if shape == 0:  # the dynamic array: all of the launch's dynamic shared memory
                     shape = self._dynamic_bytes // dtype.itemsize
-                self.arrays[key] = self._make(np.full(shape, np.nan, dtype))
+                fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).max  # never written: shows
+                self.arrays[key] = self._make(np.full(shape, fill, dtype))
             return self.arrays[key]
 
 
