@@ -37,6 +37,7 @@ SM90 = {
     "registers": 65536,  # 32-bit registers per SM
     "register_unit": 256,  # registers are handed to warps in units of 256
     "max_registers_per_thread": 255,
+    "threads_per_block": 1024,
     "threads": 2048,
     "blocks": 32,
     "shared_reserved_per_block": 1024,  # bytes the system keeps per resident block
@@ -334,8 +335,9 @@ def occupancy(threads: int, registers: int, shared_bytes: int, gpu: str = "H200"
     Limits: ``SM90`` (threads, blocks, registers, allocated per warp in units of 256) and the shared
     memory per SM of ``data/hardware.json``.
     """
-    if not 1 <= threads <= 1024:
-        raise ValueError(f"threads: {threads} per block; a block has 1 to 1024 threads")
+    most = SM90["threads_per_block"]
+    if not 1 <= threads <= most:
+        raise ValueError(f"threads: {threads} per block; a block has 1 to {most} threads")
     if not 1 <= registers <= SM90["max_registers_per_thread"]:
         raise ValueError(f"registers: {registers} per thread; a thread has 1 to 255")
     warps = math.ceil(threads / WARP)
