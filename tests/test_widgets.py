@@ -8,7 +8,7 @@ import gc
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
@@ -55,6 +55,7 @@ def _figure_count() -> int:
 # --- block-size explorer: the plain drawing function ------------------------------------------
 @FEW
 @given(block_params)
+@example(dict(n=6, d=9, sram_kib=1, block_q=6, block_k=6, loop_order="fa1", causal=False))  # does not fit
 def test_block_size_view_draws_the_closed_forms_and_marks_the_counted_point(p):
     view = W.BlockSizeView()
     view.draw(**p)
@@ -69,6 +70,10 @@ def test_block_size_view_draws_the_closed_forms_and_marks_the_counted_point(p):
         assert mx == n
         assert my == _counted(alg, n, d, bq, bk, causal).hbm_bytes, f"marked {alg} point != counted traffic"
     std, fa = (view.marks[alg].get_ydata()[0] for alg in ("standard", p["loop_order"]))
+    if not W.sram_use(n, d, p["sram_kib"], bq, bk).fits:  # no result: the headline is at blocks that fit
+        fit_q, fit_k = fitting_blocks(p["sram_kib"] * 1024 // W.DTYPE_BYTES, d)
+        fa = _counted(p["loop_order"], n, d, fit_q, fit_k, causal).hbm_bytes
+        assert "no result" in view.point_text.get_text()
     assert ("fewer bytes" in view.point_text.get_text()) == (fa <= std)
     other = "fa1" if p["loop_order"] == "fa2" else "fa2"
     assert len(view.marks[other].get_xdata()) == 0, "only the chosen loop order is marked"
