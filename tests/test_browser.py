@@ -55,6 +55,9 @@ USER_SETTINGS = {
 }
 STDERR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
 TIMEOUT_MS = 120_000
+#: Run All of a whole chapter: the capstone trains a model (about a minute on 2 idle cores, several
+#: under load); the wait ends as soon as every cell has run, so a generous limit only delays a failure
+RUN_ALL_TIMEOUT_MS = 600_000
 
 pytestmark = pytest.mark.browser
 
@@ -181,7 +184,8 @@ def _run_all(browser, jupyterlab, name: str, *selectors: str):
         """() => {
             const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
             return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-        }"""
+        }""",
+        timeout=RUN_ALL_TIMEOUT_MS,
     )
     _wait_for_idle_kernel(page)
     SHOTS.mkdir(parents=True, exist_ok=True)
