@@ -41,6 +41,8 @@ def test_memory_hierarchy_shows_the_hardware_file(gpu):
     assert levels[0]["per_sm"] == 4 * primer.SM90["registers"]
     text = " ".join(t.get_text() for t in ax.texts)
     assert f"{spec['sm_count']} SMs" in text and "HBM" in text
+    # the title's claim: HBM is the largest level (the registers, in all, outsize shared memory)
+    assert "HBM holds the most" in ax.get_title() and max(levels, key=lambda lv: lv["total"]) is hbm
     assert _png(fig).startswith(b"\x89PNG")
 
 

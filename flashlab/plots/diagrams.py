@@ -104,7 +104,7 @@ def memory_hierarchy(ax: Axes, gpu: str = "H200") -> list[dict]:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, len(levels))
     ax.text(1.0, 0, f"{hardware.spec(gpu)['sm_count']} SMs", ha="right", va="bottom", fontsize=8)
-    _blank(ax, f"{gpu}: faster and smaller at the top")
+    _blank(ax, f"{gpu}: faster at the top, HBM holds the most")
     return levels
 
 
