@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashlab.inputs import attention_inputs, backward_inputs, causal_mask, check_block, check_saved
+from flashlab.memory import hbm, host, store
 from flashlab.tiles import block_range, first_row_block, n_blocks, tile_mask, tile_needs_mask
 
 
@@ -55,78 +56,59 @@ def naive_attention_backward(q, k, v, do, *, causal=False, scale=None, memory=No
 
     ``P`` is the matrix Algorithm 0 wrote to HBM in the forward. NumPy keeps no tensor between two
     calls, so it is formed again here, *uncounted*: on a GPU it is the stored forward tensor, and
-    the backward only reads it. The counted lines (``memory``, a :class:`flashlab.memory.MemoryModel`):
+    the backward only reads it. With ``memory`` (a :class:`flashlab.memory.MemoryModel`) the HBM
+    tensors Q, K, V, dO, P and the stored dV, dP, dS, dQ, dK are wrapped
+    (:func:`flashlab.memory.hbm`), so every whole-matrix read and write of the lines below is
+    counted by the wrapper, not declared:
 
       1. read P, dO; ``dV = P^T dO``; write dV
       2. read dO, V; ``dP = dO V^T``; write dP
-      3. read P, dP; ``dS = P * (dP - rowsum(P * dP))``; write dS
+      3. read P, dP; ``dS = P * (dP - rowsum(P * dP))`` (the row sum on chip); write dS
       4. read dS, K; ``dQ = scale dS K``; write dQ
       5. read dS, Q; ``dK = scale dS^T Q``; write dK
     """
     a = attention_inputs(q, k, v, scale)
-    qq, kk, vv = a.q, a.k, a.v
-    n_q, n_k = qq.shape[-2], kk.shape[-2]
-    do = check_saved("do", do, qq.shape[:-1] + vv.shape[-1:], qq.dtype)
-    s = a.scale * (qq @ np.swapaxes(kk, -1, -2))
+    n_q, n_k = a.q.shape[-2], a.k.shape[-2]
+    do = check_saved("do", do, a.q.shape[:-1] + a.v.shape[-1:], a.q.dtype)
+    s = a.scale * (a.q @ np.swapaxes(a.k, -1, -2))
     if causal:
         s = np.where(causal_mask(n_q, n_k), s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
     p = np.exp(s - np.where(np.isfinite(m), m, 0.0))  # a fully masked row: all zeros, no nan
     l = np.sum(p, axis=-1, keepdims=True)  # noqa: E741 (the paper's name)
     p = p / np.where(l > 0, l, 1.0)
-    count = memory is not None
-    if count:  # line 1
-        memory.read("P", p)
-        memory.read("dO", do)
-    dv = np.swapaxes(p, -1, -2) @ do
-    if count:  # line 1 (write) and line 2
-        memory.write("dV", dv)
-        memory.read("dO", do)
-        memory.read("V", vv)
-    dp = do @ np.swapaxes(vv, -1, -2)
-    if count:  # line 2 (write) and line 3
-        memory.write("dP", dp)
-        memory.read("P", p)
-        memory.read("dP", dp)
-    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
-    if count:  # line 3 (write) and line 4
-        memory.write("dS", ds)
-        memory.read("dS", ds)
-        memory.read("K", kk)
-    dq = a.scale * (ds @ kk)
-    if count:  # line 4 (write) and line 5
-        memory.write("dQ", dq)
-        memory.read("dS", ds)
-        memory.read("Q", qq)
-    dk = a.scale * (np.swapaxes(ds, -1, -2) @ qq)
-    if count:  # line 5 (write)
-        memory.write("dK", dk)
-    return gradients_to_inputs(a, q, k, v, (dq, dk, dv))
+    qq, kk, vv = hbm(memory, "Q", a.q), hbm(memory, "K", a.k), hbm(memory, "V", a.v)  # counted per slice
+    p, do = hbm(memory, "P", p), hbm(memory, "dO", do)
+    dv = store(memory, "dV", np.swapaxes(p[...], -1, -2) @ do[...])  # line 1
+    dp = store(memory, "dP", do[...] @ np.swapaxes(vv[...], -1, -2))  # line 2
+    p_, dp_ = p[...], dp[...]  # line 3
+    ds = store(memory, "dS", p_ * (dp_ - np.sum(p_ * dp_, axis=-1, keepdims=True)))
+    dq = store(memory, "dQ", a.scale * (ds[...] @ kk[...]))  # line 4
+    dk = store(memory, "dK", a.scale * (np.swapaxes(ds[...], -1, -2) @ qq[...]))  # line 5
+    return gradients_to_inputs(a, q, k, v, (host(dq), host(dk), host(dv)))
 
 
-def row_dot(do: np.ndarray, o: np.ndarray, *, block_q: int = 64, memory=None) -> np.ndarray:
+def row_dot(do, o, *, block_q: int = 64, memory=None) -> np.ndarray:
     """``D = rowsum(dO * O)``, shape ``(..., N_q)``: the pre-pass of FlashAttention-2's backward.
 
     Algorithm 4 computes ``D_i`` on line 19, inside the inner loop, loading ``O_i`` once per K/V
     block. It depends on the row only, so FlashAttention-2 computes it once, block by block
     (read ``O_i``, ``dO_i``; write ``D_i``), and the inner loop then loads ``B_r`` numbers instead
-    of the ``B_r x d_v`` tile ``O_i``.
+    of the ``B_r x d_v`` tile ``O_i``. ``do``, ``o``: arrays, or the HBM tensors of
+    :func:`flashlab.memory.hbm`. With ``memory``, O, dO and D are HBM tensors whose slices it
+    counts; ``O_i``, ``dO_i`` are held on chip. Returns D as an array.
     """
-    n_q = o.shape[-2]
-    out = np.empty(o.shape[:-1], dtype=o.dtype)
-    for i0 in range(0, n_q, block_q):
+    o, do = hbm(memory, "O", o), hbm(memory, "dO", do)
+    out = hbm(memory, "D", np.empty(o.shape[:-1], dtype=o.dtype))
+    for i0 in range(0, o.shape[-2], block_q):
         o_i, do_i = o[..., i0 : i0 + block_q, :], do[..., i0 : i0 + block_q, :]
         if memory is not None:
-            memory.read("O", o_i)
-            memory.read("dO", do_i)
             memory.hold("O", o_i)
             memory.hold("dO", do_i)
         out[..., i0 : i0 + block_q] = np.sum(do_i * o_i, axis=-1)
-        if memory is not None:
-            memory.write("D", out[..., i0 : i0 + block_q])
     if memory is not None:
         memory.free("O", "dO")
-    return out
+    return host(out)
 
 
 def flash_attention_backward(
@@ -143,8 +125,11 @@ def flash_attention_backward(
     ``P = 0`` and gets zero gradient.
 
     The lines of the paper's Algorithm 4, with FlashAttention-2's changes (``lse`` instead of
-    ``l, m``; ``D`` in a pre-pass; see :func:`row_dot`). ``memory`` (a
-    :class:`flashlab.memory.MemoryModel`) counts every HBM transfer and SRAM tile:
+    ``l, m``; ``D`` in a pre-pass; see :func:`row_dot`). With ``memory`` (a
+    :class:`flashlab.memory.MemoryModel`), Q, K, V, O, dO, lse, D, dQ, dK and dV are HBM tensors
+    (:func:`flashlab.memory.hbm`): every slice the loops take is counted as a read and every slice
+    they assign as a write, by the wrapper (observed); the tiles on chip are declared with
+    ``hold``/``free`` (modelled).
 
     - pre-pass: ``D = rowsum(dO * O)`` (read O, dO; write D)
     - line 5: dQ = 0 in HBM (allocation, not traffic); dK, dV are never zeroed in HBM
@@ -163,49 +148,41 @@ def flash_attention_backward(
     """
     a, o, lse, do = backward_inputs(q, k, v, o, lse, do, scale)
     block_q, block_k = check_block("block_q", block_q), check_block("block_k", block_k)
-    qq, kk, vv = a.q, a.k, a.v
-    n_q, n_k = qq.shape[-2], kk.shape[-2]
+    n_q, n_k = a.q.shape[-2], a.k.shape[-2]
     count = memory is not None
-    lse_safe = np.where(np.isfinite(lse), lse, 0.0)  # fully masked rows: S = -inf there, so P = 0
-
-    delta = row_dot(do, o, block_q=block_q, memory=memory)  # pre-pass
-    dq = np.zeros_like(qq)  # line 5
-    dk, dv = np.empty_like(kk), np.empty_like(vv)
+    qq, kk, vv = hbm(memory, "Q", a.q), hbm(memory, "K", a.k), hbm(memory, "V", a.v)  # counted per slice
+    o, do, lse = hbm(memory, "O", o), hbm(memory, "dO", do), hbm(memory, "lse", lse)
+    delta = hbm(memory, "D", row_dot(do, o, block_q=block_q, memory=memory))  # pre-pass
+    dq = hbm(memory, "dQ", np.zeros_like(a.q))  # line 5
+    dk, dv = hbm(memory, "dK", np.empty_like(a.k)), hbm(memory, "dV", np.empty_like(a.v))
     for j in range(n_blocks(n_k, block_k)):  # line 6
         j0, j1 = block_range(j, block_k, n_k)
-        k_j, v_j = kk[..., j0:j1, :], vv[..., j0:j1, :]
+        k_j, v_j = kk[..., j0:j1, :], vv[..., j0:j1, :]  # line 7
         dk_j, dv_j = np.zeros_like(k_j), np.zeros_like(v_j)  # line 8
-        if count:  # line 7, line 8
-            memory.read("K", k_j)
-            memory.read("V", v_j)
+        if count:
             for name, tile in (("K", k_j), ("V", v_j), ("dK", dk_j), ("dV", dv_j)):
                 memory.hold(name, tile)
         # Line 9; causal: Q blocks before the first that sees K_j are skipped (not loaded, not computed).
         for i in range(first_row_block(j, n_q, n_k, block_q, block_k, causal), n_blocks(n_q, block_q)):
             i0, i1 = block_range(i, block_q, n_q)
-            q_i, do_i, dq_i = qq[..., i0:i1, :], do[..., i0:i1, :], dq[..., i0:i1, :]
-            lse_i, d_i = lse_safe[..., i0:i1, None], delta[..., i0:i1, None]
-            if count:  # line 10
+            q_i, do_i, dq_i = qq[..., i0:i1, :], do[..., i0:i1, :], dq[..., i0:i1, :]  # line 10
+            lse_i, d_i = lse[..., i0:i1, None], delta[..., i0:i1, None]
+            if count:
                 for name, tile in (("Q", q_i), ("dO", do_i), ("dQ", dq_i), ("lse", lse_i), ("D", d_i)):
-                    memory.read(name, tile)
                     memory.hold(name, tile)
             s = a.scale * (q_i @ np.swapaxes(k_j, -1, -2))  # line 11
             if causal and tile_needs_mask(i, j, n_q, n_k, block_q, block_k):  # line 12
                 s[..., tile_mask((i0, i1), (j0, j1), n_q, n_k)] = -np.inf
-            p = np.exp(s - lse_i)  # line 13 (S and P share one on-chip tile)
+            p = np.exp(s - np.where(np.isfinite(lse_i), lse_i, 0.0))  # line 13 (S, P: one tile)
             dv_j += np.swapaxes(p, -1, -2) @ do_i  # line 16
             dp = do_i @ np.swapaxes(v_j, -1, -2)  # line 17
             ds = p * (dp - d_i)  # line 20 (dP and dS share one on-chip tile)
             if count:
                 memory.hold("P", p)
                 memory.hold("dS", ds)
-            dq_i += a.scale * (ds @ k_j)  # line 21: in place, dq_i is a view of dQ
-            if count:
-                memory.write("dQ", dq_i)
+            dq[..., i0:i1, :] = dq_i + a.scale * (ds @ k_j)  # line 21
             dk_j += a.scale * (np.swapaxes(ds, -1, -2) @ q_i)  # line 22
-        dk[..., j0:j1, :], dv[..., j0:j1, :] = dk_j, dv_j
-        if count:  # line 24
-            memory.write("dK", dk_j)
-            memory.write("dV", dv_j)
+        dk[..., j0:j1, :], dv[..., j0:j1, :] = dk_j, dv_j  # line 24
+        if count:
             memory.free("K", "V", "dK", "dV", "Q", "dO", "dQ", "lse", "D", "P", "dS")
-    return gradients_to_inputs(a, q, k, v, (dq, dk, dv))
+    return gradients_to_inputs(a, q, k, v, (host(dq), host(dk), host(dv)))

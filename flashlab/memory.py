@@ -1,10 +1,10 @@
 """A two-level memory model: HBM traffic counted per tensor, SRAM occupancy with a capacity.
 
-**Observed** HBM traffic: the forward algorithms put their HBM tensors in :class:`HBMTensor` wrappers
-(:func:`hbm`, :func:`store`); every slice they take (``t[rows]``) is counted as a read of that tile and
-every slice they assign (``t[rows] = x``) as a write, by the wrapper. The algorithm never says what
-it moves; the count is whatever it actually touched. (The backward of :mod:`flashlab.backward`
-still declares its transfers with ``read(name, tile)`` / ``write(name, tile)``.)
+**Observed** HBM traffic: the algorithms (forward and backward) put their HBM tensors in
+:class:`HBMTensor` wrappers (:func:`hbm`, :func:`store`); every slice they take (``t[rows]``) is
+counted as a read of that tile and every slice they assign (``t[rows] = x``) as a write, by the
+wrapper. A tile taken is read-only, so HBM changes only through a counted assignment. The algorithm
+never says what it moves; the count is whatever it actually touched.
 
 **Modelled** SRAM occupancy: the algorithms declare which tiles sit on chip,
 
@@ -187,8 +187,10 @@ class MemoryModel:
 
 class HBMTensor:
     """A tensor in HBM whose every slice is counted by ``memory``: ``t[key]`` reads that tile,
-    ``t[key] = x`` writes it (as many elements as the slice holds). ``shape``, ``dtype`` and ``ndim``
-    are free; :func:`host` hands the array back to the caller after the algorithm, uncounted."""
+    ``t[key] = x`` writes it (as many elements as the slice holds). The tile read is read-only (an
+    in-place update of it would change HBM uncounted; write ``t[key] = tile + x`` instead).
+    ``shape``, ``dtype`` and ``ndim`` are free; :func:`host` hands the array back to the caller
+    after the algorithm, uncounted."""
 
     __slots__ = ("_memory", "array", "name")
 
@@ -202,6 +204,8 @@ class HBMTensor:
     def __getitem__(self, key) -> np.ndarray:
         tile = self.array[key]
         self._memory.read(self.name, tile)
+        if isinstance(tile, np.ndarray):
+            tile.flags.writeable = False  # a view of HBM: written only through __setitem__
         return tile
 
     def __setitem__(self, key, value) -> None:
@@ -214,8 +218,9 @@ class HBMTensor:
 
 def hbm(memory: MemoryModel | None, name: str, array: np.ndarray):
     """``array`` as the HBM tensor ``name`` whose slices ``memory`` counts; ``array`` itself when
-    ``memory`` is None (an uncounted run pays nothing)."""
-    return array if memory is None else HBMTensor(memory, name, array)
+    ``memory`` is None (an uncounted run pays nothing) or when it already is an :class:`HBMTensor`
+    (a tensor handed on to a helper stays the one tensor it was)."""
+    return array if memory is None or isinstance(array, HBMTensor) else HBMTensor(memory, name, array)
 
 
 def store(memory: MemoryModel | None, name: str, array: np.ndarray):

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flashlab  # noqa: F401  (before numba)
-from flashlab import traffic
+from flashlab import backward, traffic
 from flashlab.attention import naive_attention
-from flashlab.backward import flash_attention_backward, naive_attention_backward
+from flashlab.backward import flash_attention_backward, naive_attention_backward, row_dot
 from flashlab.cuda import flash_attention_backward as kernel_backward
 from flashlab.cuda import traffic as kernel_traffic
 from flashlab.cuda.registry import make_kernel
@@ -222,6 +222,52 @@ def test_counted_backward_traffic_equals_closed_form(problem, block_q, block_k):
     standard = MemoryModel()
     naive_attention_backward(q, k, v, do, causal=causal, memory=standard)
     assert standard.traffic() == traffic.standard_backward(n_q, n_k, d, d_v, batch=batch)
+
+
+def small_problem(n_q=13, n_k=11, d=5, d_v=3, causal=True):
+    """A ragged causal problem (``N_q != N_k``) with its forward's ``o, lse`` and a gradient ``do``."""
+    rng = np.random.default_rng(7)
+    q, k, v = (
+        rng.standard_normal((2, n_q, d)),
+        rng.standard_normal((2, n_k, d)),
+        rng.standard_normal((2, n_k, d_v)),
+    )
+    o, lse = forward(q, k, v, causal)
+    return q, k, v, o, lse, rng.standard_normal(o.shape)
+
+
+def test_an_extra_look_at_o_is_observed_though_nothing_declares_it(monkeypatch):
+    """A pre-pass that slices all of O once more, with no counter call: the wrappers count it."""
+    q, k, v, o, lse, do = small_problem()
+    blocks = {"block_q": 4, "block_k": 3, "causal": True}
+    closed = traffic.fa2_backward(13, 11, 5, 3, batch=2, **blocks)
+
+    def looks_at_o_again(do, o, **options):
+        o[...]  # a plain slice of the HBM tensor O: nothing here calls the counter
+        return row_dot(do, o, **options)
+
+    monkeypatch.setattr(backward, "row_dot", looks_at_o_again)
+    memory = MemoryModel()
+    grads = flash_attention_backward(q, k, v, o, lse, do, memory=memory, **blocks)
+    same = flash_attention_backward(q, k, v, o, lse, do, **blocks)
+    assert all(np.array_equal(a, b) for a, b in zip(grads, same, strict=True))  # the same arithmetic
+    assert memory.traffic().reads["O"] == 2 * closed.reads["O"]  # all of O read twice: counted twice
+    assert memory.traffic() != closed
+
+
+def test_causal_tiles_not_skipped_are_counted_as_the_unmasked_loop(monkeypatch):
+    """A variant that visits every tile (masking those above the diagonal to P = 0): same gradients,
+    and the observed traffic is the unmasked closed form, not the causal one."""
+    q, k, v, o, lse, do = small_problem()
+    blocks = {"block_q": 4, "block_k": 3}
+    monkeypatch.setattr(backward, "first_row_block", lambda *args: 0)
+    memory = MemoryModel()
+    grads = flash_attention_backward(q, k, v, o, lse, do, causal=True, memory=memory, **blocks)
+    monkeypatch.undo()
+    same = flash_attention_backward(q, k, v, o, lse, do, causal=True, **blocks)
+    assert all(np.array_equal(a, b) for a, b in zip(grads, same, strict=True))  # P = 0 adds exact zeros
+    assert memory.traffic() == traffic.fa2_backward(13, 11, 5, 3, batch=2, causal=False, **blocks)
+    assert memory.traffic() != traffic.fa2_backward(13, 11, 5, 3, batch=2, causal=True, **blocks)
 
 
 def test_flash_backward_moves_less_than_the_standard_backward_as_n_grows():

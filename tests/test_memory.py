@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import flashlab  # noqa: F401  (before numba)
-from flashlab import attention, flash
+from flashlab import attention, backward, flash
 from flashlab.memory import MemoryModel, SRAMOverflow, hbm, host, store
 from flashlab.traffic import Traffic
 
@@ -81,8 +81,22 @@ def test_hbm_tensor_counts_every_slice_taken_and_assigned():
     assert hbm(None, "X", plain) is plain and store(None, "S", plain) is plain
 
 
-def test_forward_algorithms_never_call_the_counter_for_hbm_traffic():
-    # the forward's HBM counts are observed by the wrappers, not declared by the algorithm
-    for module in (flash, attention):
+def test_a_tile_taken_is_read_only_so_hbm_changes_only_through_a_counted_write():
+    memory = MemoryModel()
+    t = hbm(memory, "X", np.zeros((4, 6)))
+    tile = t[1:3]
+    with pytest.raises(ValueError, match="read-only"):
+        tile += 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        t[0] += 1.0  # read-modify-write in place: write t[0] = t[0] + 1 instead
+    t[0] = t[0] + 1.0
+    assert host(t)[0].tolist() == [1.0] * 6 and not host(t)[1:].any()
+    assert (memory.read_elements["X"], memory.write_elements["X"]) == (2 * 6 + 6 + 6, 6)
+    assert hbm(memory, "Y", t) is t  # a tensor handed on stays the one tensor it was
+
+
+def test_algorithms_never_call_the_counter_for_hbm_traffic():
+    # the HBM counts (forward and backward) are observed by the wrappers, not declared by the algorithm
+    for module in (flash, attention, backward):
         source = inspect.getsource(module)
         assert "memory.read(" not in source and "memory.write(" not in source, module.__name__
