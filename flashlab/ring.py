@@ -15,6 +15,12 @@ computes ``P`` blocks while the first computes one. *Zig-zag* sharding cuts the 
 ``2P`` chunks and gives rank ``r`` chunks ``r`` and ``2P - 1 - r``: one early, one late, so every
 rank computes the same number of scores (:func:`causal_work`).
 
+The backward (:func:`ring_attention_backward`) runs the same ring with the gradients: each rank
+keeps its Q, O, dO and lse, and the K/V shards travel as before, now each with an accumulator for
+its dK and dV. At every step a rank adds the contributions of its queries to the shard it holds
+(Algorithm 4's lines 11-22 on one block) and passes the accumulator on; after ``P`` passes every
+accumulator is back home, holding the sum over all ranks' queries, while dQ never leaves its rank.
+
 Backend gloo runs on any CPU: ``torchrun --nproc-per-node 4 -m flashlab.ring -n 8192 -d 64 --causal``
 from a shell, :func:`run_ring` (spawned processes) from a notebook.
 """
@@ -35,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flashlab.inputs import attention_inputs
+from flashlab.inputs import attention_inputs, backward_inputs
 from flashlab.online_softmax import State, empty_state, merge, state_lse
 from flashlab.split_kv import partial_state
 
@@ -104,6 +110,15 @@ def ring_bytes(n: int, d: int, d_v: int, world: int, itemsize: int = 4, batch: i
     return (world - 1) * batch * (n // world) * (d + d_v) * itemsize
 
 
+def ring_backward_bytes(n: int, d: int, d_v: int, world: int, itemsize: int = 4, batch: int = 1) -> int:
+    """Bytes each rank sends (and receives) in one backward: ``(2P - 1) B (N / P) (d + d_v) itemsize``.
+
+    A K/V shard is passed on ``P - 1`` times, as in the forward (:func:`ring_bytes`); its dK/dV
+    accumulator, of the same size, ``P`` times: the last pass brings it home.
+    """
+    return (2 * world - 1) * batch * (n // world) * (d + d_v) * itemsize
+
+
 def causal_work(n: int, world: int, layout: str) -> np.ndarray:
     """Scores each rank computes in causal ring attention, per head: ``(P,)`` integers.
 
@@ -134,31 +149,62 @@ class StepStats(NamedTuple):
     bytes_received: int
 
 
+def shard_blocks(q_runs, k_runs, causal: bool):
+    """The blocks one rank computes against one K/V shard: ``(rows, cols, mask)`` per pair of a query
+    run and a key run (local slices), skipping a block wholly above the diagonal when ``causal``;
+    ``mask`` (True = visible) only for a block that crosses it, else None."""
+    q0 = 0
+    for qa, qb in q_runs:
+        k0 = 0
+        for ka, kb in k_runs:
+            if not (causal and ka > qb - 1):  # every key after every query: nothing visible
+                mask = (
+                    np.arange(ka, kb)[None, :] <= np.arange(qa, qb)[:, None]
+                    if causal and kb - 1 > qa
+                    else None
+                )
+                yield slice(q0, q0 + qb - qa), slice(k0, k0 + kb - ka), mask
+            k0 += kb - ka
+        q0 += qb - qa
+
+
 def shard_state(q, q_runs, k, v, k_runs, scale: float, causal: bool) -> tuple[State, int]:
     """The state of local queries ``q (B, n, d)`` (global ranges ``q_runs``) over one K/V shard.
 
-    Each pair of a query run and a key run is a block: skipped if causal and wholly above the
-    diagonal, masked if it crosses it. Returns the state and the number of scores computed.
+    Each pair of a query run and a key run is a block (:func:`shard_blocks`). Returns the state and
+    the number of scores computed.
     """
     state = empty_state(q.shape[:-1], v.shape[-1], q.dtype)
-    scores, q0 = 0, 0
-    for qa, qb in q_runs:
-        rows = slice(q0, q0 + qb - qa)
-        k0 = 0
-        for ka, kb in k_runs:
-            cols = slice(k0, k0 + kb - ka)
-            k0 += kb - ka
-            if causal and ka > qb - 1:  # every key after every query: nothing visible
-                continue
-            mask = (
-                np.arange(ka, kb)[None, :] <= np.arange(qa, qb)[:, None] if causal and kb - 1 > qa else None
-            )
-            part = partial_state(q[:, rows], k[:, cols], v[:, cols], scale, mask)
-            mine = State(state.m[:, rows], state.l[:, rows], state.o[:, rows])
-            state.m[:, rows], state.l[:, rows], state.o[:, rows] = merge(mine, part)
-            scores += (qb - qa) * (kb - ka)
-        q0 += qb - qa
+    scores = 0
+    for rows, cols, mask in shard_blocks(q_runs, k_runs, causal):
+        part = partial_state(q[:, rows], k[:, cols], v[:, cols], scale, mask)
+        mine = State(state.m[:, rows], state.l[:, rows], state.o[:, rows])
+        state.m[:, rows], state.l[:, rows], state.o[:, rows] = merge(mine, part)
+        scores += (rows.stop - rows.start) * (cols.stop - cols.start)
     return state, scores
+
+
+def shard_gradients(q, do, lse, delta, q_runs, k, v, k_runs, scale: float, causal: bool):
+    """This rank's queries' contributions to the gradients over one K/V shard: ``(dq, dk, dv, scores)``.
+
+    ``q (B, n, d)``, ``do (B, n, d_v)``, ``lse, delta (B, n)`` (``delta = rowsum(dO * O)``) of the
+    local rows; ``k, v`` the shard. Per block (:func:`shard_blocks`), Algorithm 4's lines 11-22:
+    ``P = exp(S - lse)``, ``dV += P^T dO``, ``dS = P (dO V^T - D)``, ``dQ += scale dS K``,
+    ``dK += scale dS^T Q``. ``dq`` is the sum over this shard's keys; ``dk, dv`` are this shard's
+    rows' sums over the local queries.
+    """
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    lse = np.where(np.isfinite(lse), lse, 0.0)[..., None]  # a row that sees no key has P = 0
+    scores = 0
+    for rows, cols, mask in shard_blocks(q_runs, k_runs, causal):
+        s = scale * (q[:, rows] @ np.swapaxes(k[:, cols], -1, -2))
+        p = np.exp((s if mask is None else np.where(mask, s, -np.inf)) - lse[:, rows])
+        dv[:, cols] += np.swapaxes(p, -1, -2) @ do[:, rows]
+        ds = p * (do[:, rows] @ np.swapaxes(v[:, cols], -1, -2) - delta[:, rows, None])
+        dq[:, rows] += scale * (ds @ k[:, cols])
+        dk[:, cols] += scale * (np.swapaxes(ds, -1, -2) @ q[:, rows])
+        scores += (rows.stop - rows.start) * (cols.stop - cols.start)
+    return dq, dk, dv, scores
 
 
 def _check_shards(a, world: int, group) -> None:
@@ -205,13 +251,9 @@ def ring_attention(
     lead, n_loc, d, d_v = a.q.shape[:-2], a.q.shape[-2], a.q.shape[-1], a.v.shape[-1]
     n = n_loc * world
     q3 = a.q.reshape(-1, n_loc, d)
-    kv = torch.from_numpy(
-        np.ascontiguousarray(np.concatenate([a.k, a.v], axis=-1).reshape(-1, n_loc, d + d_v))
-    )
+    kv = _pack(a.k, a.v)
     state = empty_state(q3.shape[:-1], d_v, q3.dtype)
-    send_to, recv_from = ((rank + d) % world for d in (1, -1))  # ring neighbours, as global ranks:
-    if group is not None:
-        send_to, recv_from = dist.get_global_rank(group, send_to), dist.get_global_rank(group, recv_from)
+    send_to, recv_from = _neighbours(rank, world, group)
     for step in range(world):
         source = (rank - step) % world
         requests, sent = [], 0
@@ -243,15 +285,104 @@ def ring_attention(
     return (o, lse) if return_lse else o
 
 
+def _pack(k, v):
+    """K and V side by side, ``(B, n, d + d_v)``: one tensor to pass around the ring."""
+    import torch
+
+    n = k.shape[-2]
+    return torch.from_numpy(
+        np.ascontiguousarray(np.concatenate([k, v], axis=-1).reshape(-1, n, k.shape[-1] + v.shape[-1]))
+    )
+
+
+def _neighbours(rank: int, world: int, group) -> tuple[int, int]:
+    """The ranks this one sends to and receives from, as global ranks (what isend/irecv take)."""
+    import torch.distributed as dist
+
+    send_to, recv_from = (rank + 1) % world, (rank - 1) % world
+    if group is not None:
+        send_to, recv_from = dist.get_global_rank(group, send_to), dist.get_global_rank(group, recv_from)
+    return send_to, recv_from
+
+
+def ring_attention_backward(
+    q, k, v, o, lse, do, *, causal=False, scale=None, layout="zigzag", stats=None, group=None
+):
+    """Gradients ``(dq, dk, dv)`` of this rank's shards, the K/V shards and their dK/dV accumulators
+    passed around the ring.
+
+    Call on every rank, after :func:`ring_attention`, with the same shards and options, that rank's
+    ``o`` and ``lse`` (``return_lse=True``) and ``do = dL/dO`` of its rows (``(..., N/P, d_v)``).
+    At step ``t`` the rank holds the K/V shard of rank ``s = (r - t) mod P`` and its accumulator:
+    it starts receiving the next K/V shard, adds its queries' contributions
+    (:func:`shard_gradients`) to dQ and to the accumulator, then passes the accumulator on. After
+    ``P`` passes the accumulator of shard ``s`` is back at rank ``s``. ``stats`` gets a
+    :class:`StepStats` per step (``wait_s``: waiting for K/V and for the accumulator).
+    Returns ``dq, dk, dv`` shaped as this rank's ``q, k, v``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    a, o, lse, do = backward_inputs(q, k, v, o, lse, do, scale)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _check_shards(a, world, group)
+    lead, n_loc, d, d_v = a.q.shape[:-2], a.q.shape[-2], a.q.shape[-1], a.v.shape[-1]
+    n = n_loc * world
+    q3, do3, lse3 = a.q.reshape(-1, n_loc, d), do.reshape(-1, n_loc, d_v), lse.reshape(-1, n_loc)
+    delta = np.sum(do3 * o.reshape(-1, n_loc, d_v), axis=-1)  # D = rowsum(dO * O), once per row
+    kv, grad = _pack(a.k, a.v), torch.zeros(q3.shape[0], n_loc, d + d_v, dtype=getattr(torch, str(q3.dtype)))
+    dq = np.zeros_like(q3)
+    send_to, recv_from = _neighbours(rank, world, group)
+    for step in range(world):
+        source = (rank - step) % world
+        requests, sent = [], grad.numel() * grad.element_size()
+        if step < world - 1:  # the next K/V shard travels while this one is computed on
+            incoming = torch.empty_like(kv)
+            requests = [dist.isend(kv, send_to, group=group), dist.irecv(incoming, recv_from, group=group)]
+            sent += kv.numel() * kv.element_size()
+        t0 = time.perf_counter()
+        block = kv.numpy()
+        dq_s, dk_s, dv_s, scores = shard_gradients(
+            q3, do3, lse3, delta, shard_runs(n, world, rank, layout),
+            block[..., :d], block[..., d:], shard_runs(n, world, source, layout), a.scale, causal,
+        )  # fmt: skip
+        dq += dq_s
+        acc = grad.numpy()
+        acc[..., :d] += dk_s
+        acc[..., d:] += dv_s
+        t1 = time.perf_counter()
+        arrived = torch.empty_like(grad)  # the accumulator moves on only once this rank has added to it
+        requests += [  # tag 1: never matched with a K/V shard (tag 0) of the same size
+            dist.isend(grad, send_to, group=group, tag=1),
+            dist.irecv(arrived, recv_from, group=group, tag=1),
+        ]
+        for request in requests:
+            request.wait()
+        if stats is not None:
+            stats.append(StepStats(step, source, scores, t1 - t0, time.perf_counter() - t1, sent, sent))
+        grad = arrived
+        if step < world - 1:
+            kv = incoming
+    home = grad.numpy()  # after P passes: this rank's own shard's dK, dV
+    grads = (dq, home[..., :d], home[..., d:])
+    shapes = (lead + (n_loc, d), lead + (n_loc, d), lead + (n_loc, d_v))
+    return tuple(
+        g.reshape(shape).astype(a.out_dtype, copy=False) for g, shape in zip(grads, shapes, strict=True)
+    )
+
+
 # --- Spawning P processes from Python (a notebook) ------------------------------------------------
 
 
 class RingResult(NamedTuple):
-    """What :func:`run_ring` returns: the full output, lse, and every rank's :class:`StepStats`."""
+    """What :func:`run_ring` returns: the full output, lse, every rank's :class:`StepStats`, and
+    (when it was given ``do``) the full gradients and every rank's backward :class:`StepStats`."""
 
     o: np.ndarray
     lse: np.ndarray
     stats: list[list[StepStats]]
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    backward_stats: list[list[StepStats]] | None = None
 
 
 def free_port() -> int:
@@ -262,7 +393,8 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, folder: str, jobs: list[dict], timeout: float) -> None:
-    """One spawned rank: join the gloo group, run :func:`ring_attention` once per job, save the results."""
+    """One spawned rank: join the gloo group, run :func:`ring_attention` once per job (and
+    :func:`ring_attention_backward` when the job has ``do``), save the results."""
     import torch
     import torch.distributed as dist
     from threadpoolctl import threadpool_limits
@@ -276,12 +408,20 @@ def _worker(rank: int, world: int, port: int, folder: str, jobs: list[dict], tim
             if options.get("fail_rank") == rank:
                 os._exit(3)  # a rank that dies without a word, as a crashed machine would
             with np.load(folder / f"in{job}_{rank}.npz") as f:
-                q, k, v = f["q"], f["k"], f["v"]
-            stats = []
+                arrays = dict(f)
+            q, k, v = arrays["q"], arrays["k"], arrays["v"]
+            stats, backward_stats = [], []
             ring_options = {key: value for key, value in options.items() if key != "fail_rank"}
             with threadpool_limits(1, user_api="blas"):
                 o, lse = ring_attention(q, k, v, return_lse=True, stats=stats, **ring_options)
-            np.savez(folder / f"out{job}_{rank}.npz", o=o, lse=lse, stats=np.array(stats, dtype=float))
+                out = dict(o=o, lse=lse, stats=np.array(stats, dtype=float))
+                if "do" in arrays:
+                    grads = ring_attention_backward(
+                        q, k, v, o, lse, arrays["do"], stats=backward_stats, **ring_options
+                    )
+                    out |= dict(zip(("dq", "dk", "dv"), grads, strict=True))
+                    out["backward_stats"] = np.array(backward_stats, dtype=float)
+            np.savez(folder / f"out{job}_{rank}.npz", **out)
         dist.destroy_process_group()
     except Exception as e:  # reported by the parent, naming this rank
         (folder / f"error{rank}.txt").write_text(f"{type(e).__name__}\n{e}\n\n{traceback.format_exc()}")
@@ -291,9 +431,10 @@ def _worker(rank: int, world: int, port: int, folder: str, jobs: list[dict], tim
 def launch(jobs: list[tuple[list, dict]], *, timeout: float = 60.0) -> list[list[tuple]]:
     """Spawn one process per rank and run :func:`ring_attention` once per job, in one process group.
 
-    ``jobs``: ``(shards, options)`` pairs, ``shards`` a ``(q, k, v)`` per rank (all jobs the same
-    number of ranks), ``options`` keywords of :func:`ring_attention` (plus ``fail_rank``: that rank
-    exits at the start of the job). Returns per job, per rank ``(o, lse, stats)``. A rank that
+    ``jobs``: ``(shards, options)`` pairs, ``shards`` a ``(q, k, v)`` or ``(q, k, v, do)`` per rank
+    (all jobs the same number of ranks; with ``do`` the backward runs too), ``options`` keywords of
+    :func:`ring_attention` (plus ``fail_rank``: that rank exits at the start of the job). Returns
+    per job, per rank a dict: ``o, lse, stats`` (and ``dq, dk, dv, backward_stats``). A rank that
     raises re-raises here (ValueError as ValueError, naming the rank); a rank that dies, or a run
     longer than ``timeout`` seconds, raises ``RuntimeError`` / ``TimeoutError`` once the other
     ranks are stopped: never a hang.
@@ -306,8 +447,9 @@ def launch(jobs: list[tuple[list, dict]], *, timeout: float = 60.0) -> list[list
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
         for job, (shards, _) in enumerate(jobs):
-            for rank, (q, k, v) in enumerate(shards):
-                np.savez(Path(folder) / f"in{job}_{rank}.npz", q=q, k=k, v=v)
+            for rank, arrays in enumerate(shards):
+                names = ("q", "k", "v", "do")[: len(arrays)]
+                np.savez(Path(folder) / f"in{job}_{rank}.npz", **dict(zip(names, arrays, strict=True)))
         args = (world, free_port(), folder, [options for _, options in jobs], timeout)
         procs = [context.Process(target=_worker, args=(rank, *args), daemon=True) for rank in range(world)]
         for p in procs:
@@ -337,10 +479,12 @@ def launch(jobs: list[tuple[list, dict]], *, timeout: float = 60.0) -> list[list
                 p.join()
 
 
-def _load(path: Path) -> tuple:
-    """One rank's saved ``(o, lse, stats)``."""
+def _load(path: Path) -> dict:
+    """One rank's saved results: arrays, and every ``*stats`` as a list of :class:`StepStats`."""
     with np.load(path) as f:
-        return f["o"], f["lse"], [StepStats(*_ints(row)) for row in f["stats"]]
+        return {
+            key: [StepStats(*_ints(row)) for row in f[key]] if key.endswith("stats") else f[key] for key in f
+        }
 
 
 def _ints(row) -> tuple:
@@ -364,9 +508,10 @@ def _raise_failure(folder: Path, procs) -> None:
 
 
 def run_ring(
-    q, k, v, *, world: int, causal=False, scale=None, layout="zigzag", timeout=60.0, fail_rank=None
+    q, k, v, do=None, *, world: int, causal=False, scale=None, layout="zigzag", timeout=60.0, fail_rank=None
 ) -> RingResult:
-    """Ring attention of full ``q (..., N, d)``, ``k``, ``v`` on ``world`` spawned gloo processes.
+    """Ring attention of full ``q (..., N, d)``, ``k``, ``v`` on ``world`` spawned gloo processes;
+    with ``do (..., N, d_v)`` also its backward (:func:`ring_attention_backward`).
 
     Shards the inputs with :func:`shard` (ValueError unless ``world`` divides N, zig-zag ``2 world``),
     runs :func:`ring_attention` on every shard, and puts the outputs back in sequence order.
@@ -383,13 +528,16 @@ def run_ring(
     jobs = []
     for lay in layouts:
         check_layout(a.q.shape[-2], world, lay)
-        shards = [tuple(shard(x, world, r, lay) for x in (q, k, v)) for r in range(world)]
+        full = (q, k, v) if do is None else (q, k, v, do)
+        shards = [tuple(shard(x, world, r, lay) for x in full) for r in range(world)]
         jobs.append((shards, dict(causal=causal, scale=scale, layout=lay, fail_rank=fail_rank)))
     results = {}
     for lay, ranks in zip(layouts, launch(jobs, timeout=timeout), strict=True):
-        o = unshard([r[0] for r in ranks], lay)
-        lse = unshard([r[1][..., None] for r in ranks], lay)[..., 0]
-        results[lay] = RingResult(o, lse, [r[2] for r in ranks])
+        o = unshard([r["o"] for r in ranks], lay)
+        lse = unshard([r["lse"][..., None] for r in ranks], lay)[..., 0]
+        grads = None if do is None else tuple(unshard([r[g] for r in ranks], lay) for g in ("dq", "dk", "dv"))
+        backward = None if do is None else [r["backward_stats"] for r in ranks]
+        results[lay] = RingResult(o, lse, [r["stats"] for r in ranks], grads, backward)
     return results[layout] if isinstance(layout, str) else results
 
 

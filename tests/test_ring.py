@@ -6,19 +6,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flashlab.attention import naive_attention
+from flashlab.backward import naive_attention_backward
 from flashlab.online_softmax import empty_state, merge, state_lse
 from flashlab.ring import (
     LAYOUTS,
     causal_work,
     launch,
+    ring_backward_bytes,
     ring_bytes,
     run_ring,
     shard,
+    shard_gradients,
+    shard_positions,
     shard_runs,
     shard_state,
     unshard,
 )
-from flashlab.tolerance import attention_bound, check_close
+from flashlab.tolerance import attention_backward_bound, attention_bound, check_close
 
 
 def problem(n, d, seed, lead=(2,), dtype=np.float32):
@@ -71,6 +75,43 @@ def test_merging_every_shards_state_is_attention_and_work_matches_closed_form(
     check(unshard(outs, layout), unshard(lses, layout)[..., 0], q, k, v, causal)
 
 
+def check_grads(grads, q, k, v, do, causal):
+    ref = naive_attention_backward(*(x.astype(np.float64) for x in (q, k, v, do)), causal=causal)
+    bounds = attention_backward_bound(q, k, v, do, causal=causal, dtype=np.float32)
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, ref, strict=True):
+        check_close(g, g_ref, bounds[name], name)
+
+
+@given(
+    world=st.integers(1, 4),
+    chunk=st.integers(1, 5),
+    d_v=st.integers(1, 9),
+    layout=st.sampled_from(["contiguous", "zigzag"]),
+    causal=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_every_ranks_contributions_sum_to_the_gradients(world, chunk, d_v, layout, causal, seed):
+    """What the backward's ring adds up, in one process: dQ per rank, dK/dV per shard over all ranks."""
+    n = 2 * world * chunk
+    q, k, _ = problem(n, 8, seed)
+    v, do = problem(n, d_v, seed + 1)[1:]
+    o, lse = naive_attention(q, k, v, causal=causal, return_lse=True)
+    delta = np.sum(do * o, axis=-1)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for rank in range(world):
+        mine = shard_positions(n, world, rank, layout)
+        for source in range(world):
+            theirs = shard_positions(n, world, source, layout)
+            dq_s, dk_s, dv_s, _ = shard_gradients(
+                q[:, mine], do[:, mine], lse[:, mine], delta[:, mine], shard_runs(n, world, rank, layout),
+                k[:, theirs], v[:, theirs], shard_runs(n, world, source, layout), 8**-0.5, causal,
+            )  # fmt: skip
+            dq[:, mine] += dq_s
+            dk[:, theirs] += dk_s
+            dv[:, theirs] += dv_s
+    check_grads((dq, dk, dv), q, k, v, do, causal)
+
+
 def test_zigzag_balances_what_contiguous_sharding_leaves_uneven():
     contiguous, zigzag = causal_work(4096, 4, "contiguous"), causal_work(4096, 4, "zigzag")
     assert list(contiguous // contiguous[0]) == [1, 2, 3, 4]  # rank r computes r + 1 blocks
@@ -88,11 +129,19 @@ def test_sequence_not_divisible_is_refused_before_any_process_starts(n, world, l
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_gloo_processes_give_attention_and_count_their_bytes(world):
+def test_gloo_processes_give_attention_and_its_gradients_and_count_their_bytes(world):
     q, k, v = problem(12 * world, 16, seed=world)
-    results = run_ring(q, k, v, world=world, causal=True, layout=LAYOUTS, timeout=120)  # one process group
+    do = problem(12 * world, 16, seed=world + 10)[1]
+    results = run_ring(q, k, v, do, world=world, causal=True, layout=LAYOUTS, timeout=120)  # one group
     for layout, result in results.items():
         check(result.o, result.lse, q, k, v, causal=True)
+        check_grads(result.grads, q, k, v, do, causal=True)
+        for rank, steps in enumerate(result.backward_stats):
+            assert [s.source for s in steps] == [(rank - t) % world for t in range(world)]
+            assert sum(s.bytes_sent for s in steps) == ring_backward_bytes(
+                12 * world, 16, 16, world, 4, batch=2
+            )
+            assert sum(s.scores for s in steps) == causal_work(12 * world, world, layout)[rank]
         for rank, steps in enumerate(result.stats):
             assert [s.source for s in steps] == [(rank - t) % world for t in range(world)]  # around the ring
             assert sum(s.bytes_sent for s in steps) == ring_bytes(12 * world, 16, 16, world, 4, batch=2)
