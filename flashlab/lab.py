@@ -7,6 +7,8 @@
 - ``python -m flashlab.lab strip-filter`` installs nbstripout's git filter into this clone (``make lab`` runs
   it): outputs, execution counts and the kernel's language details never reach git, so a learner's runs
   leave ``git status`` clean and ``git pull`` free of conflicts.
+- ``python -m flashlab.lab minutes`` prints each chapter's reading estimate (:func:`reading_minutes`), the
+  README's "min" column.
 - ``python -m flashlab.lab settings`` writes JupyterLab defaults for the course into this environment
   (no news or update checks: the course works offline); ``make lab`` runs it once at setup.
 """
@@ -187,10 +189,24 @@ def install_strip_filter(root: Path) -> int:
     return 0
 
 
+WORDS_PER_MINUTE, CODE_LINES_PER_MINUTE = 200, 20
+
+
+def reading_minutes(path: Path) -> int:
+    """A chapter's reading estimate: its markdown words at 200 a minute plus its non-blank code lines at
+    20 a minute, rounded to the nearest minute (an estimate, not a timed reading; exercises extra)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    words = sum(len(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    lines = sum(sum(1 for x in c.source.splitlines() if x.strip()) for c in nb.cells if c.cell_type == "code")
+    return int(words / WORDS_PER_MINUTE + lines / CODE_LINES_PER_MINUTE + 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve the flashlab course, or render it to HTML.")
     parser.add_argument(
-        "action", nargs="?", default="serve", choices=["serve", "html", "settings", "strip-filter"]
+        "action", nargs="?", default="serve", choices=["serve", "html", "settings", "strip-filter", "minutes"]
     )
     parser.add_argument("--port", type=int, default=8888, help="port on 127.0.0.1 (default 8888)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser window")
@@ -201,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.action == "strip-filter":
         return install_strip_filter(NOTEBOOKS.parent)
+    if args.action == "minutes":
+        for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+            print(f"{path.stem}: {reading_minutes(path)} min")
+        return 0
     if args.action == "html":
         write_html(sorted(NOTEBOOKS.glob("*.ipynb")), args.out)
         return 0

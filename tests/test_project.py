@@ -164,3 +164,19 @@ def test_notebook_float_checks_use_the_tolerance_helper(path):
     assert not bare, f"{path.name}: compare floats with flashlab.tolerance, not a bare limit:\n" + "\n".join(
         bare
     )
+
+
+def test_readme_minutes_are_the_chapters_reading_estimates():
+    """The README's "min" column is computed from the chapters (a number in prose is printed by code)."""
+    from flashlab.lab import reading_minutes
+
+    table = re.findall(
+        r"\| \[`([0-9a-z_]+)`\]\(notebooks/\1\.ipynb\) \| (\d+) \|", (ROOT / "README.md").read_text()
+    )
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert sorted(stem for stem, _ in table) == [p.stem for p in notebooks], (
+        "a chapter missing from the table"
+    )
+    stale = {s: (int(m), reading_minutes(ROOT / "notebooks" / f"{s}.ipynb")) for s, m in table}
+    stale = {s: pair for s, pair in stale.items() if pair[0] != pair[1]}
+    assert not stale, f"README minutes (stated, computed) differ; `python -m flashlab.lab minutes`: {stale}"
