@@ -33,7 +33,7 @@ test: setup
 
 # The inner loop of development: unit tests only (no notebooks, no browser), stop at the first failure.
 test-fast: setup
-	$(BIN)/python -m pytest -x -q -m "not notebook and not browser"
+	$(BIN)/python -m pytest -x -q -n auto -m "not notebook and not browser"
 
 html: setup
 	rm -rf build/html
