@@ -307,8 +307,17 @@ def test_ncu_raw_csv_is_parsed_into_metrics_and_stall_reasons():
     assert next(iter(brief["backward"]["stalls"])) == "long_scoreboard"
     with pytest.raises(ValueError, match="no ncu raw CSV"):
         profile.parse_raw_csv("==PROF== Connected\nno kernels were profiled\n")
-    command = profile.ncu_command(Namespace(heads=32, n=4096, d=64, causal=False), "ncu")
+    args = Namespace(heads=32, n=4096, d=64, causal=False, targets=profile.DEFAULT_TARGETS)
+    command = profile.ncu_command(args, "ncu")
     assert command[:4] == ["ncu", "--csv", "--page", "raw"] and "WarpStateStats" in command
+    assert (
+        "regex:register_tiled_source|backward_source" in command and "--targets=forward,backward" in command
+    )
+    assert command[command.index("--launch-count") + 1] == "2"
+    command = profile.ncu_command(Namespace(**vars(args) | {"targets": "tensor_core"}), "ncu")
+    assert "regex:flash_tc" in command and command[command.index("--launch-count") + 1] == "1"
+    with pytest.raises(ValueError, match="targets: got 'forward,wmma'"):
+        profile.selected("forward,wmma")
 
 
 SASS = """

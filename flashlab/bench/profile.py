@@ -1,8 +1,9 @@
 """``python -m flashlab.bench profile``: Nsight Compute counters of the forward and backward kernels.
 
-Runs ``ncu`` (Nsight Compute, on the GPU machine) over a child process that launches, once each,
-``register_tiled`` (forward) and the backward kernel, float32, batch 1, ``--heads`` x ``--n`` x ``--d``
-(default 32 x 4096 x 64, as the kernel log). ``ncu`` collects the sections in :data:`SECTIONS`
+Runs ``ncu`` (Nsight Compute, on the GPU machine) over a child process that launches, once each, the
+``--targets`` (default ``forward,backward``: ``register_tiled`` and the backward kernel, float32;
+``tensor_core``: chapter 8's kernel, bf16), batch 1, ``--heads`` x ``--n`` x ``--d`` (default
+32 x 4096 x 64, as the kernel log). ``ncu`` collects the sections in :data:`SECTIONS`
 (speed of light, occupancy, warp stall reasons, memory workload) and prints every raw metric
 (``--csv --page raw``); :func:`parse_raw_csv` reads that, and ``data/<--out>.csv`` gets one row per
 kernel and metric (``target, kernel, heads, n, d, causal, metric, unit, value``) with a provenance
@@ -22,7 +23,9 @@ import time
 from flashlab.bench.common import provenance, write_results
 
 SECTIONS = ("SpeedOfLight", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis")
-TARGETS = {"forward": "register_tiled_source", "backward": "backward_source"}  # kernel-name regexes
+# kernel-name regexes (numba's mangled names hold the Python function's qualified name)
+TARGETS = {"forward": "register_tiled_source", "backward": "backward_source", "tensor_core": "flash_tc"}
+DEFAULT_TARGETS = "forward,backward"
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"  # + reason + "_per_issue_active.ratio"
 KEY_METRICS = {
     "gpu__time_duration.sum": "duration",
@@ -97,9 +100,10 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def ncu_command(args, ncu: str) -> list[str]:
-    """The ``ncu`` command line that profiles one launch of each target in a child process."""
-    regex = "|".join(TARGETS.values())
-    child = [sys.executable, "-m", "flashlab.bench.profile", "--launch"]
+    """The ``ncu`` command line that profiles one launch of each of ``args.targets`` in a child process."""
+    targets = selected(args.targets)
+    regex = "|".join(TARGETS[t] for t in targets)
+    child = [sys.executable, "-m", "flashlab.bench.profile", "--launch", f"--targets={','.join(targets)}"]
     child += [f"--heads={args.heads}", f"--n={args.n}", f"--d={args.d}"] + (
         ["--causal"] if args.causal else []
     )
@@ -119,15 +123,24 @@ def ncu_command(args, ncu: str) -> list[str]:
             "--kernel-name",
             f"regex:{regex}",
             "--launch-count",
-            str(len(TARGETS)),
+            str(len(targets)),
         ]
         + [x for section in SECTIONS for x in ("--section", section)]
         + child
     )
 
 
-def launch_targets(heads: int, n: int, d: int, causal: bool) -> None:
-    """The child: one forward launch (register_tiled) and one backward (pre-pass + kernel), on the GPU."""
+def selected(targets: str) -> list[str]:
+    """``--targets`` as a list, each checked against :data:`TARGETS`."""
+    names = [t for t in targets.split(",") if t]
+    wrong = [t for t in names if t not in TARGETS]
+    if wrong or not names:
+        raise ValueError(f"targets: got {targets!r}; use a comma-separated subset of {', '.join(TARGETS)}")
+    return names
+
+
+def launch_targets(heads: int, n: int, d: int, causal: bool, targets: list[str]) -> None:
+    """The child: one launch of each target on the GPU (the backward: pre-pass + kernel)."""
     import numpy as np
     from numba import cuda
 
@@ -135,6 +148,12 @@ def launch_targets(heads: int, n: int, d: int, causal: bool) -> None:
 
     rng = np.random.default_rng(0)
     host = {name: rng.standard_normal((heads, n, d)).astype(np.float32) for name in ("q", "k", "v", "do")}
+    if "tensor_core" in targets:
+        from flashlab.cuda.tensor_core import flash_attention_tc
+
+        flash_attention_tc(host["q"], host["k"], host["v"], causal=causal, dtype="bfloat16")
+    if not {"forward", "backward"} & set(targets):
+        return
     dev = {name: cuda.to_device(x) for name, x in host.items()}
     o, lse = cuda.device_array((heads, n, d), np.float32), cuda.device_array((heads, n), np.float32)
     scale = 1.0 / math.sqrt(d)
@@ -143,10 +162,11 @@ def launch_targets(heads: int, n: int, d: int, causal: bool) -> None:
     if forward.target == "gpu":  # compile before the profiled launches
         launch.compiled(forward), launch.compiled(backward)
     launch.run(forward, launch.forward_args({k: dev[k] for k in "qkv"}, o, lse, scale))
-    outs = {"delta": cuda.device_array((heads, n), np.float32)}
-    outs |= {name: cuda.device_array((heads, n, d), np.float32) for name in ("dq", "dk", "dv")}
-    inputs = {k: dev[k] for k in "qkv"} | {"o": o, "lse": lse, "do": dev["do"]}
-    launch.run_backward(backward, launch.backward_args(inputs, **outs, scale=scale))
+    if "backward" in targets:
+        outs = {"delta": cuda.device_array((heads, n), np.float32)}
+        outs |= {name: cuda.device_array((heads, n, d), np.float32) for name in ("dq", "dk", "dv")}
+        inputs = {k: dev[k] for k in "qkv"} | {"o": o, "lse": lse, "do": dev["do"]}
+        launch.run_backward(backward, launch.backward_args(inputs, **outs, scale=scale))
     cuda.synchronize()
 
 
@@ -168,6 +188,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4096, help="sequence length (N_q = N_k)")
     p.add_argument("--d", type=int, default=64, help="head dim (16, 32, 64, 128)")
     p.add_argument("--causal", action="store_true")
+    p.add_argument(
+        "--targets", default=DEFAULT_TARGETS, help=f"kernels to profile: some of {', '.join(TARGETS)}"
+    )
     p.add_argument("--ncu", default="ncu", help="the Nsight Compute command line tool")
     p.add_argument("--out", default="gpu_h200_ncu", help="results go to data/<out>.csv")
     p.add_argument("--launch", action="store_true", help="(the child ncu profiles: launch the kernels once)")
@@ -182,7 +205,7 @@ def main(argv: list[str]) -> int:
         print("python -m flashlab.bench profile needs a CUDA GPU and Nsight Compute (ncu).")
         return 2
     if args.launch:
-        launch_targets(args.heads, args.n, args.d, args.causal)
+        launch_targets(args.heads, args.n, args.d, args.causal, selected(args.targets))
         return 0
     t0 = time.perf_counter()
     command = ncu_command(args, args.ncu)
