@@ -1,13 +1,17 @@
 """The tensor-core instructions of flashlab.cuda.ptx, run on one warp (the emulation in the simulator,
 inline PTX on a GPU) against NumPy references built from the PTX ISA's fragment layouts."""
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda, uint32
 
+from flashlab import device
 from flashlab.cuda import ptx
+from flashlab.cuda._numba import simulate
 from flashlab.precision import DTYPES16, round_to, to_bits
 from flashlab.tolerance import Bound, check_close, gamma, unit_roundoff
 
@@ -125,3 +129,58 @@ def test_shfl_xor_swaps_with_the_butterfly_partner():
 def test_fragments_refuse_a_wrong_shape():
     with pytest.raises(ValueError, match="matrix: a must be"):
         ptx.fragments(np.zeros((8, 16)), "a")
+
+
+def _cp_async_kernel(src, out, n_rows):
+    """Each lane copies one 16-byte chunk of ``src[0]`` (rows past ``n_rows``: zero-fill) to shared
+    memory, waits, and the block reads the tile back after a barrier."""
+    lane = cuda.threadIdx.x
+    sm = cuda.shared.array((8, 16), uint32, alignment=16)
+    r, w = lane // 4, (lane % 4) * 4
+    ptx.cp_async16(sm, r, w, src, 0, r if r < n_rows else 0, w, 16 if r < n_rows else 0)
+    ptx.cp_async_commit()
+    ptx.cp_async_wait_all()
+    cuda.syncthreads()
+    for i in range(4):  # another lane's chunk: visible after the wait and the barrier
+        out[(r + 1) % 8, w + i] = sm[(r + 1) % 8, w + i]
+
+
+@pytest.mark.parametrize("n_rows", [8, 5])
+def test_cp_async_copies_16_bytes_and_zero_fills(n_rows):
+    src = np.random.default_rng(n_rows).integers(0, 2**32, (1, 8, 16), dtype=np.uint32)
+    out = np.full((8, 16), 7, np.uint32)
+    if device.MODE == "gpu":
+        cuda.jit(_cp_async_kernel)[1, 32](src, out, n_rows)
+    else:  # numba's simulator refuses aligned shared arrays; flashlab's block runner takes them
+        simulate(_cp_async_kernel, (1,), (32,), (src, out, n_rows))
+    assert np.array_equal(out[:n_rows], src[0, :n_rows]) and not out[n_rows:].any()
+
+
+def test_cp_async_destination_is_poisoned_until_the_wait():
+    dst, src = np.zeros((1, 4), np.uint32), np.arange(4, dtype=np.uint32).reshape(1, 1, 4)
+
+    def lane():  # a thread of its own, as a simulated lane is
+        ptx.emulated_cp_async16(dst, 0, 0, src, 0, 0, 0, 16)
+        seen.append(dst.copy())
+        ptx.emulated_cp_async_wait_all()
+
+    seen = []
+    thread = threading.Thread(target=lane)
+    thread.start()
+    thread.join()
+    assert np.all(seen[0] == ptx.POISON) and np.array_equal(dst[0], src[0, 0])
+
+
+@cuda.jit
+def _ex2_kernel(x, out):
+    i = cuda.threadIdx.x
+    out[i] = ptx.ex2(x[i])
+
+
+def test_ex2_is_two_to_the_x_within_2_ulp():
+    x = np.concatenate([np.linspace(-130, 20, 30), [-np.inf, 0.0]]).astype(np.float32)
+    out = np.zeros(32, np.float32)
+    _ex2_kernel[1, 32](x, out)
+    ref = np.exp2(x.astype(np.float64))
+    ref[ref < np.finfo(np.float32).tiny] = 0.0  # .ftz: subnormal results flush to zero
+    assert np.all(np.abs(out - ref) <= 2 * np.spacing(ref.astype(np.float32)))

@@ -23,6 +23,11 @@ floating point type"):
 
 :func:`a_index`, :func:`b_index` and :func:`c_index` state these maps once; the emulation, the NumPy
 reference in the tests and the pictures in :mod:`flashlab.plots.fragments` all use them.
+
+Besides the tensor-core instructions: ``ldmatrix`` (shared memory to fragments), ``shfl.sync`` (a
+register from another lane), ``cp.async`` (global to shared memory with no register in between, so
+a tile's copy runs while the previous tile is computed; ``commit_group`` / ``wait_group``) and
+``ex2.approx`` (the SFU's ``2**x``, one instruction).
 """
 
 from __future__ import annotations
@@ -253,6 +258,43 @@ def emulated_shfl_xor(value, lane_mask):
     return _exchange((value, lane_mask), lambda s: [s[lane ^ s[lane][1]][0] for lane in range(WARP)])
 
 
+#: what a ``cp.async`` destination holds until the wait: NaN in both halves, in bf16 and in fp16
+POISON = np.uint32(0x7FC07FC0)
+
+
+def emulated_cp_async16(dst, row, col, src, bh, src_row, src_col, nbytes):
+    """``cp.async.cg.shared.global [dst], [src], 16, nbytes``: copy 16 bytes (4 uint32 words) from
+    global ``src[bh, src_row, src_col:+4]`` to shared ``dst[row, col:+4]`` without passing through
+    registers; ``nbytes = 0`` writes zeros instead (a tile row past the end). Both addresses 16-byte
+    aligned. The copy lands only by :func:`emulated_cp_async_wait_all`: until then the destination
+    holds NaN, so a kernel that reads it too early, or refills a buffer still being read, computes NaN.
+    """
+    words = [src[bh, src_row, src_col + w] if nbytes else np.uint32(0) for w in range(4)]
+    for w in range(4):
+        dst[row, col + w] = POISON
+    pending = threading.current_thread().__dict__.setdefault("cp_async", [])
+    pending.append((dst, row, col, words))
+
+
+def emulated_cp_async_commit():
+    """``cp.async.commit_group``: close this thread's group of outstanding copies."""
+
+
+def emulated_cp_async_wait_all():
+    """``cp.async.wait_group 0``: wait until every copy this thread issued has landed. Other threads'
+    copies are visible only after a barrier as well (``syncthreads``)."""
+    for dst, row, col, words in threading.current_thread().__dict__.pop("cp_async", []):
+        for w in range(4):
+            dst[row, col + w] = words[w]
+
+
+def emulated_ex2(x):
+    """``ex2.approx.ftz.f32``: ``2**x`` in float32 (``ex2(-inf) = 0``); the hardware's result is within
+    2 ulp of it and flushes subnormals to zero."""
+    y = np.float32(np.exp2(np.float32(x)))
+    return y if y >= np.finfo(np.float32).tiny else np.float32(0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # The inline-PTX intrinsics (GPU)
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +312,11 @@ PTX = {
     "ldmatrix_x4_trans": "{ .reg .u64 p; cvta.to.shared.u64 p, $4; "
     "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [p]; }",
     "shfl_xor": "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+    "cp_async16": "{ .reg .u64 d, s; cvta.to.shared.u64 d, $0; cvta.to.global.u64 s, $1; "
+    "cp.async.cg.shared.global [d], [s], 16, $2; }",
+    "cp_async_commit": "cp.async.commit_group;",
+    "cp_async_wait_all": "cp.async.wait_group 0;",
+    "ex2": "ex2.approx.ftz.f32 $0, $1;",
 }
 
 
@@ -284,6 +331,11 @@ def _intrinsics() -> dict:
     def asm(builder, ret, args, text, constraints, side_effect=False):
         fnty = ir.FunctionType(ret, [a.type for a in args])
         return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
+
+    def pointer(context, builder, aryty, ary, indices):
+        ary = context.make_array(aryty)(context, builder, ary)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
+        return builder.ptrtoint(ptr, ir.IntType(64))
 
     def four(context, builder, sig, res):
         vals = [builder.extract_value(res, i) for i in range(4)]
@@ -318,10 +370,7 @@ def _intrinsics() -> dict:
             sig = types.UniTuple(types.uint32, 4)(smem, types.intp, types.intp)
 
             def codegen(context, builder, sig, args):
-                aryty = sig.args[0]
-                ary = context.make_array(aryty)(context, builder, args[0])
-                ptr = cgutils.get_item_pointer(context, builder, aryty, ary, args[1:], wraparound=False)
-                addr = builder.ptrtoint(ptr, ir.IntType(64))
+                addr = pointer(context, builder, sig.args[0], args[0], args[1:])
                 ret = ir.LiteralStructType([i32] * 4)
                 res = asm(builder, ret, [addr], PTX[name], "=r,=r,=r,=r,l,~{memory}", side_effect=True)
                 return four(context, builder, sig, res)
@@ -338,6 +387,33 @@ def _intrinsics() -> dict:
 
         return sig, codegen
 
+    def cp_async16(typingctx, dst, row, col, src, bh, src_row, src_col, nbytes):
+        sig = types.void(dst, types.intp, types.intp, src, types.intp, types.intp, types.intp, types.int32)
+
+        def codegen(context, builder, sig, args):
+            d = pointer(context, builder, sig.args[0], args[0], args[1:3])
+            s = pointer(context, builder, sig.args[3], args[3], args[4:7])
+            asm(builder, ir.VoidType(), [d, s, args[7]], PTX["cp_async16"], "l,l,r,~{memory}", True)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def make_fence(name):
+        def fence(typingctx):
+            def codegen(context, builder, sig, args):
+                asm(builder, ir.VoidType(), [], PTX[name], "~{memory}", side_effect=True)
+                return context.get_dummy_value()
+
+            return types.void(), codegen
+
+        return intrinsic(fence)
+
+    def ex2(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return asm(builder, f32, args, PTX["ex2"], "=f,f")
+
+        return types.float32(types.float32), codegen
+
     built = {
         "mma_bf16": make_mma("mma_bf16"),
         "mma_f16": make_mma("mma_f16"),
@@ -346,6 +422,10 @@ def _intrinsics() -> dict:
         "ldmatrix_x4": make_ldmatrix("ldmatrix_x4"),
         "ldmatrix_x4_trans": make_ldmatrix("ldmatrix_x4_trans"),
         "shfl_xor": intrinsic(shfl_xor),
+        "cp_async16": intrinsic(cp_async16),
+        "cp_async_commit": make_fence("cp_async_commit"),
+        "cp_async_wait_all": make_fence("cp_async_wait_all"),
+        "ex2": intrinsic(ex2),
     }
     for name, fn in built.items():
         fn.__doc__ = _EMULATED[name].__doc__  # the instruction and its layout, stated once
@@ -360,6 +440,10 @@ _EMULATED = {
     "ldmatrix_x4": emulated_ldmatrix_x4,
     "ldmatrix_x4_trans": emulated_ldmatrix_x4_trans,
     "shfl_xor": emulated_shfl_xor,
+    "cp_async16": emulated_cp_async16,
+    "cp_async_commit": emulated_cp_async_commit,
+    "cp_async_wait_all": emulated_cp_async_wait_all,
+    "ex2": emulated_ex2,
 }
 _IMPL = _intrinsics() if device.MODE == "gpu" else _EMULATED
 
@@ -371,7 +455,109 @@ pack_f16x2 = _IMPL["pack_f16x2"]
 ldmatrix_x4 = _IMPL["ldmatrix_x4"]
 ldmatrix_x4_trans = _IMPL["ldmatrix_x4_trans"]
 shfl_xor = _IMPL["shfl_xor"]
+cp_async16 = _IMPL["cp_async16"]
+cp_async_commit = _IMPL["cp_async_commit"]
+cp_async_wait_all = _IMPL["cp_async_wait_all"]
+ex2 = _IMPL["ex2"]
 
 #: per input dtype: the mma and the pack a kernel uses
 MMA = {"bfloat16": mma_bf16, "float16": mma_f16}
 PACK = {"bfloat16": pack_bf16x2, "float16": pack_f16x2}
+
+
+# --------------------------------------------------------------------------------------------------
+# 16-byte global loads and their unpacking (the split-KV decode kernel, flashlab.cuda.decode)
+# --------------------------------------------------------------------------------------------------
+# numba emits one scalar load per element; one ``LDG.E.128`` per lane moves 16 bytes, so a warp reads
+# 512 bytes per instruction. The loaded words are then reinterpreted: two fp16 halves, or one float32.
+
+_ZERO_WORDS = (np.uint32(0),) * 4
+
+
+def emulated_ld_global_v4(arr, i0, i1, i2, valid):
+    """``@p ld.global.nc.v4.u32``: the 16 bytes that start at element ``arr[i0, i1, i2]`` of a 3-d
+    float32 or float16 global array (4 or 8 elements of its last axis, 16-byte aligned) as four
+    uint32 words, the first element in the low bytes of word 0; four zeros, and no access, where
+    ``valid`` is false. Through the read-only (non-coherent) cache: ``arr`` must not be written by the
+    kernel."""
+    if not valid:
+        return _ZERO_WORDS
+    first = arr[i0, i1, i2]  # element by element, so a counting array counts each element once
+    elements = [first] + [arr[i0, i1, i2 + e] for e in range(1, 16 // first.itemsize)]
+    return tuple(np.array(elements).view(np.uint32))
+
+
+def emulated_unpack_f16x2(word):
+    """``mov.b32 {lo, hi}, word; cvt.f32.f16``: the two fp16 halves of ``word`` as float32 (exact),
+    the low half (the element with the smaller index) first."""
+    lo, hi = from_bits(np.array(_halves(word), np.uint16), "float16")
+    return np.float32(lo), np.float32(hi)
+
+
+def emulated_as_f32(word):
+    """The bits of the 32-bit ``word`` as a float32 (a bit cast, no instruction)."""
+    return np.uint32(word).view(np.float32)
+
+
+LOAD_PTX = {
+    "ld_global_v4": "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
+    "mov.b32 $3, 0; @p ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4]; }",
+    "unpack_f16x2": "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
+}
+
+
+def _load_intrinsics() -> dict:
+    """The GPU side of this section (imports numba's CUDA target: GPU mode only)."""
+    from llvmlite import ir
+    from numba.cuda import cgutils, types
+    from numba.cuda.extending import intrinsic
+
+    i32, f32 = ir.IntType(32), ir.FloatType()
+
+    def ld_global_v4(typingctx, arr, i0, i1, i2, valid):
+        sig = types.UniTuple(types.uint32, 4)(arr, types.intp, types.intp, types.intp, types.boolean)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, args[1:4], wraparound=False)
+            ops = [builder.ptrtoint(ptr, ir.IntType(64)), builder.zext(args[4], i32)]
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [x.type for x in ops])
+            res = builder.call(ir.InlineAsm(fnty, LOAD_PTX["ld_global_v4"], "=r,=r,=r,=r,l,r"), ops)
+            words = [builder.extract_value(res, w) for w in range(4)]
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return sig, codegen
+
+    def unpack_f16x2(typingctx, word):
+        sig = types.UniTuple(types.float32, 2)(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 2), [i32])
+            res = builder.call(ir.InlineAsm(fnty, LOAD_PTX["unpack_f16x2"], "=f,=f,r"), args)
+            halves = [builder.extract_value(res, h) for h in range(2)]
+            return context.make_tuple(builder, sig.return_type, halves)
+
+        return sig, codegen
+
+    def as_f32(typingctx, word):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], f32)
+
+        return types.float32(types.uint32), codegen
+
+    built = {"ld_global_v4": ld_global_v4, "unpack_f16x2": unpack_f16x2, "as_f32": as_f32}
+    built = {name: intrinsic(fn) for name, fn in built.items()}
+    for name, fn in built.items():
+        fn.__doc__ = _LOAD_EMULATED[name].__doc__
+    return built
+
+
+_LOAD_EMULATED = {
+    "ld_global_v4": emulated_ld_global_v4,
+    "unpack_f16x2": emulated_unpack_f16x2,
+    "as_f32": emulated_as_f32,
+}
+_LOAD = _load_intrinsics() if device.MODE == "gpu" else _LOAD_EMULATED
+ld_global_v4 = _LOAD["ld_global_v4"]
+unpack_f16x2 = _LOAD["unpack_f16x2"]
+as_f32 = _LOAD["as_f32"]

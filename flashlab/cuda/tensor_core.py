@@ -1,14 +1,18 @@
 """FlashAttention-2 forward on tensor cores: Q K^T and P V by ``mma.sync`` m16n8k16, bf16 or fp16 in.
 
 A block of 4 warps owns 64 query rows of one head (16 per warp, the M of one mma) and walks over
-64-key tiles of K and V staged in shared memory (the paper's SRAM). Per tile each warp computes its
-16 x 64 tile of S on the tensor cores (``d / 16`` mmas per 8 keys; K fragments by ``ldmatrix``),
-keeps the online-softmax state ``m, l`` and its 16 x d block of O in float32 registers (the C
-fragment layout), rounds P to 16 bits (the mma's input format) and multiplies it by V on the tensor
-cores (V fragments by ``ldmatrix.trans``). The C fragment of S is the A fragment of P, register for
-register, so P never leaves the registers. Rows are reduced across the 4 lanes that share them by
-``shfl.xor``. Causal masking is bottom-right (query ``i`` sees keys ``j <= i + N_k - N_q``); tiles
-past the diagonal are skipped; tail tiles are masked.
+tiles of K and V (64 keys at d = 64, 32 at d = 128: :data:`TILE_KEYS`) staged in shared memory
+(the paper's SRAM). The staging is asynchronous and double-buffered: while the warps compute tile
+``j`` from one buffer, ``cp.async`` copies tile ``j + 1`` from global memory into the other, 16
+bytes per instruction, with no register in between; one barrier per tile. Per tile each warp
+computes its 16 x KEYS tile of S on the tensor cores (``d / 16`` mmas per 8 keys; K fragments by
+``ldmatrix``), keeps the online-softmax state ``m, l`` and its 16 x d block of O in float32
+registers (the C fragment layout), takes ``P = exp2(c S - c m)`` (one FMA and one ``ex2`` per score,
+``c = scale log2 e``), rounds P to 16 bits (the mma's input format) and multiplies it by V on the
+tensor cores (V fragments by ``ldmatrix.trans``). The C fragment of S is the A fragment of P,
+register for register, so P never leaves the registers. Rows are reduced across the 4 lanes that
+share them by ``shfl.xor``. Causal masking is bottom-right (query ``i`` sees keys
+``j <= i + N_k - N_q``); tiles past the diagonal are skipped; tail tiles are masked.
 
 Arguments (leading dims flattened into BH; 16-bit values travel as uint32 pairs, see
 :mod:`flashlab.precision`): ``q (BH, N_q, d/2)``, ``k, v (BH, N_k, d/2)`` uint32, ``o (BH, N_q, d/2)``
@@ -32,7 +36,8 @@ from flashlab.precision import DTYPES16, from_bits, to_bits
 HEAD_DIMS = (64, 128)
 WARPS = 4
 ROWS = 16 * WARPS  # query rows per block
-KEYS = 64  # keys per K/V tile
+#: keys per K/V tile, per head dim: two tiles of K and two of V fit the 48 KiB of static shared memory
+TILE_KEYS = {64: 64, 128: 32}
 PAD = 8  # 16-bit elements of padding per shared row: 16-byte aligned rows, no bank conflicts
 LOG2E = np.float32(math.log2(math.e))
 LN2 = np.float32(math.log(2.0))
@@ -49,8 +54,10 @@ def kernel_source(d: int, causal: bool, dtype: str):
     if dtype not in DTYPES16:
         raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
     mma, pack = ptx.MMA[dtype], ptx.PACK[dtype]
-    ldsm, ldsm_t, shfl = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor
-    W, SW = d // 2, (d + PAD) // 2  # words per row in global and in shared memory
+    ldsm, ldsm_t, shfl, ex2 = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor, ptx.ex2
+    cp_async, cp_commit, cp_wait = ptx.cp_async16, ptx.cp_async_commit, ptx.cp_async_wait_all
+    KEYS = TILE_KEYS[d]
+    SW, CH = (d + PAD) // 2, d // 8  # words per shared row, 16-byte chunks per row
     KS, NS, NO, PK = (
         d // 16,
         KEYS // 8,
@@ -67,8 +74,8 @@ def kernel_source(d: int, causal: bool, dtype: str):
         t = lane & 3
         r0 = cuda.blockIdx.x * ROWS + (tid >> 5) * 16  # this warp's first query row
         row0 = r0 + g  # this lane's two rows: row0 and row0 + 8
-        ks = cuda.shared.array((KEYS, SW), uint32)
-        vs = cuda.shared.array((KEYS, SW), uint32)
+        ks = cuda.shared.array((2 * KEYS, SW), uint32, alignment=16)  # two tiles: one computed,
+        vs = cuda.shared.array((2 * KEYS, SW), uint32, alignment=16)  # the next one in flight
         qf = cuda.local.array((KS, 4), uint32)
         s = cuda.local.array((NS, 4), float32)
         acc = cuda.local.array((NO, 4), float32)
@@ -85,18 +92,29 @@ def kernel_source(d: int, causal: bool, dtype: str):
         m1 = NEG_INF
         l0 = ZERO
         l1 = ZERO
-        c = scale * LOG2E  # exp(x) = exp2(x log2 e): S is kept in log2 units
+        c = scale * LOG2E  # exp(scale x) = exp2(c x)
         block_last = min(cuda.blockIdx.x * ROWS + ROWS, n_q) - 1
         n_keys = min(n_k, block_last + offset + 1) if causal else n_k
-        for j0 in range(0, n_keys, KEYS):
-            cuda.syncthreads()  # the previous tile is consumed
-            for idx in range(tid, KEYS * W, THREADS):
-                r = idx // W
-                w = idx - r * W
-                inside = j0 + r < n_k
-                ks[r, w] = k[bh, j0 + r, w] if inside else uint32(0)
-                vs[r, w] = v[bh, j0 + r, w] if inside else uint32(0)
-            cuda.syncthreads()
+        n_tiles = (n_keys + KEYS - 1) // KEYS
+        for it in range(n_tiles + 1):  # iteration it: copy tile it, compute tile it - 1
+            cp_wait()  # this thread's copies of tile it - 1 have landed ...
+            cuda.syncthreads()  # ... everyone's, and tile it - 2 (the buffer refilled next) is consumed
+            if it < n_tiles:
+                base = (it & 1) * KEYS
+                j_first = it * KEYS
+                for idx in range(tid, KEYS * CH, THREADS):  # 16-byte chunks of K and V rows
+                    r = idx // CH
+                    w = (idx - r * CH) * 4
+                    j = j_first + r
+                    nbytes = 16 if j < n_k else 0  # past the end: zeros
+                    jj = j if j < n_k else n_k - 1
+                    cp_async(ks, base + r, w, k, bh, jj, w, nbytes)
+                    cp_async(vs, base + r, w, v, bh, jj, w, nbytes)
+                cp_commit()
+            if it == 0:
+                continue
+            j0 = (it - 1) * KEYS
+            kb = ((it - 1) & 1) * KEYS  # the buffer holding tile it - 1
             # S = Q K^T (Algorithm 1 line 9 / FA2 line 8), 8 keys per mma column block
             for n in range(NS):
                 s[n, 0] = ZERO
@@ -104,7 +122,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
                 s[n, 2] = ZERO
                 s[n, 3] = ZERO
                 for kk in range(0, KS, 2):  # one ldmatrix.x4 feeds two k-steps
-                    b0, b1, b2, b3 = ldsm(ks, n * 8 + (lane & 7), kk * 8 + (lane >> 3) * 4)
+                    b0, b1, b2, b3 = ldsm(ks, kb + n * 8 + (lane & 7), kk * 8 + (lane >> 3) * 4)
                     e = mma(
                         qf[kk, 0], qf[kk, 1], qf[kk, 2], qf[kk, 3], b0, b1, s[n, 0], s[n, 1], s[n, 2], s[n, 3]
                     )
@@ -124,19 +142,16 @@ def kernel_source(d: int, causal: bool, dtype: str):
                     s[n, 1] = e[1]
                     s[n, 2] = e[2]
                     s[n, 3] = e[3]
-            # mask (tail keys, causal), scale, row max over this lane's 16 keys then its 4-lane group
+            # mask (tail keys, causal), row max over this lane's 16 keys then its 4-lane group
             masked = j0 + KEYS > n_k or (causal and j0 + KEYS - 1 > r0 + offset)
             x0 = NEG_INF
             x1 = NEG_INF
             for n in range(NS):
-                for i in range(4):
-                    val = s[n, i] * c
-                    if masked:
+                if masked:
+                    for i in range(4):
                         key = j0 + n * 8 + 2 * t + (i & 1)
-                        row = row0 + 8 * (i >> 1)
-                        if key >= n_k or (causal and key > row + offset):
-                            val = NEG_INF
-                    s[n, i] = val
+                        if key >= n_k or (causal and key > row0 + 8 * (i >> 1) + offset):
+                            s[n, i] = NEG_INF
                 x0 = max(x0, max(s[n, 0], s[n, 1]))
                 x1 = max(x1, max(s[n, 2], s[n, 3]))
             x0 = max(x0, shfl(x0, 1))
@@ -145,19 +160,20 @@ def kernel_source(d: int, causal: bool, dtype: str):
             x1 = max(x1, shfl(x1, 2))
             mn0 = max(m0, x0)
             mn1 = max(m1, x1)
-            base0 = mn0 if mn0 != NEG_INF else ZERO  # a row with no key yet: exp2(-inf - 0) = 0
-            base1 = mn1 if mn1 != NEG_INF else ZERO
-            alpha0 = math.exp2(m0 - base0)
-            alpha1 = math.exp2(m1 - base1)
+            # m is kept in units of S; exp(scale (S - m)) = exp2(S c - m c), one FMA and one ex2
+            base0 = mn0 * c if mn0 != NEG_INF else ZERO  # a row with no key yet: exp2(-inf - 0) = 0
+            base1 = mn1 * c if mn1 != NEG_INF else ZERO
+            alpha0 = ex2(m0 * c - base0)
+            alpha1 = ex2(m1 * c - base1)
             m0 = mn0
             m1 = mn1
             l0 *= alpha0
             l1 *= alpha1
-            for n in range(NS):  # P = exp2(S - m) (FA2 line 9), row sums from the float32 values
-                s[n, 0] = math.exp2(s[n, 0] - base0)
-                s[n, 1] = math.exp2(s[n, 1] - base0)
-                s[n, 2] = math.exp2(s[n, 2] - base1)
-                s[n, 3] = math.exp2(s[n, 3] - base1)
+            for n in range(NS):  # P = exp(scale S - m) (FA2 line 9), row sums from the float32 values
+                s[n, 0] = ex2(s[n, 0] * c - base0)
+                s[n, 1] = ex2(s[n, 1] * c - base0)
+                s[n, 2] = ex2(s[n, 2] * c - base1)
+                s[n, 3] = ex2(s[n, 3] * c - base1)
                 l0 += s[n, 0] + s[n, 1]
                 l1 += s[n, 2] + s[n, 3]
             for n in range(NO):
@@ -173,7 +189,9 @@ def kernel_source(d: int, causal: bool, dtype: str):
                 a3 = pack(s[2 * kk + 1, 2], s[2 * kk + 1, 3])
                 for n in range(0, NO, 2):  # one ldmatrix.x4.trans feeds two 8-column blocks of O
                     jm = lane >> 3
-                    b0, b1, b2, b3 = ldsm_t(vs, kk * 16 + (jm & 1) * 8 + (lane & 7), n * 4 + (jm >> 1) * 4)
+                    b0, b1, b2, b3 = ldsm_t(
+                        vs, kb + kk * 16 + (jm & 1) * 8 + (lane & 7), n * 4 + (jm >> 1) * 4
+                    )
                     e = mma(a0, a1, a2, a3, b0, b1, acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
                     acc[n, 0] = e[0]
                     acc[n, 1] = e[1]
@@ -186,7 +204,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
                     acc[n + 1, 1] = e[1]
                     acc[n + 1, 2] = e[2]
                     acc[n + 1, 3] = e[3]
-        # the row sums: each lane held 16 of every 64 keys' weights
+        # the row sums: each lane held a quarter of every tile's weights
         l0 += shfl(l0, 1)
         l0 += shfl(l0, 2)
         l1 += shfl(l1, 1)
@@ -203,9 +221,9 @@ def kernel_source(d: int, causal: bool, dtype: str):
                 o[bh, row0 + 8, w0] = word1
         if t == 0:
             if row0 < n_q:
-                lse[bh, row0] = (m0 + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
+                lse[bh, row0] = (m0 * c + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
             if row0 + 8 < n_q:
-                lse[bh, row0 + 8] = (m1 + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
+                lse[bh, row0 + 8] = (m1 * c + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
 
     return flash_tc
 
