@@ -59,6 +59,13 @@ def test_head_dim_128_and_broadcast_leading_dims():
     check(q, *(np.broadcast_to(x, (2, 1, 20, 128)) for x in (k, v)), False, o, lse)
 
 
+@pytest.mark.parametrize(("d", "kv_dtype", "unroll"), [(128, np.float16, 2), (64, np.float32, 1)])
+def test_key_groups_of_every_width_and_warps_merged(d, kv_dtype, unroll):
+    q, k, v = inputs((1,), 2, 45, d, kv_dtype, seed=5, spread=3.0)  # 16 lanes per key group, 2 warps
+    o, lse = decode_attention(q, k, v, splits=2, causal=True, return_lse=True, threads=64, unroll=unroll)
+    check(q, k, v, True, o, lse)
+
+
 def test_counted_traffic_equals_the_closed_form():
     q, k, v = inputs((2,), 2, 37, 64, np.float16, seed=3)
     traffic, o, lse = count_traffic(q, k, v, splits=3, causal=True, threads=32)
@@ -72,7 +79,7 @@ def test_counted_traffic_equals_the_closed_form():
         (dict(d=32), "head dim d=32"),
         (dict(rows=9), "1..8"),
         (dict(splits=0), "splits must be a positive integer"),
-        (dict(threads=48), "threads=48 must divide d=64"),
+        (dict(threads=48), "threads=48 must be a multiple of 32"),
         (dict(v_dtype=np.float64), "stored as one of"),
     ],
 )

@@ -184,3 +184,35 @@ def test_ex2_is_two_to_the_x_within_2_ulp():
     ref = np.exp2(x.astype(np.float64))
     ref[ref < np.finfo(np.float32).tiny] = 0.0  # .ftz: subnormal results flush to zero
     assert np.all(np.abs(out - ref) <= 2 * np.spacing(ref.astype(np.float32)))
+
+
+@cuda.jit
+def _ld_f16_kernel(arr, out, n_valid):
+    t = cuda.threadIdx.x
+    words = ptx.ld_global_v4(arr, 0, t, 0, t < n_valid)
+    for w in range(4):
+        out[t, 2 * w], out[t, 2 * w + 1] = ptx.unpack_f16x2(words[w])
+
+
+@cuda.jit
+def _ld_f32_kernel(arr, out, n_valid):
+    t = cuda.threadIdx.x
+    words = ptx.ld_global_v4(arr, 0, t, 0, t < n_valid)
+    for w in range(4):
+        out[t, w] = ptx.as_f32(words[w])
+
+
+@pytest.mark.parametrize(("dtype", "kernel"), [(np.float16, _ld_f16_kernel), (np.float32, _ld_f32_kernel)])
+def test_ld_global_v4_reads_16_bytes_and_zero_fills(dtype, kernel):
+    width = 16 // np.dtype(dtype).itemsize  # elements per 16-byte load
+    arr = np.random.default_rng(0).standard_normal((1, 32, width)).astype(dtype)
+    out = np.full((32, width), np.nan, np.float32)
+    kernel[1, 32](arr, out, 27)
+    assert np.array_equal(out[:27], arr[0, :27].astype(np.float32)) and not out[27:].any()
+
+
+def test_ld_global_v4_words_are_the_bytes_in_memory_order():
+    arr = np.arange(16, dtype=np.float16).reshape(1, 2, 8)
+    words = ptx.emulated_ld_global_v4(arr, 0, 1, 0, True)
+    assert np.array_equal(np.array(words, np.uint32), arr[0, 1].view(np.uint32))
+    assert ptx.emulated_unpack_f16x2(words[0]) == (8.0, 9.0)  # the low half is the first element

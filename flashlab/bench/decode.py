@@ -77,11 +77,10 @@ def _flashlab(q, k, v):
     from numba import cuda
 
     from flashlab.cuda import decode
-    from flashlab.split_kv import auto_splits
 
     batch, heads, rows, d = q.shape
     bh, n_k = batch * heads, k.shape[-2]
-    splits = auto_splits(n_k, bh, blocks_per_sm=2048 // decode.TILES[d]["threads"])
+    splits = decode.default_splits(n_k, bh, decode.TILES[d]["threads"])
     first, combine = decode.specs(d, rows, False, str(k.dtype).removeprefix("torch."), splits)
     tensors = [q.float().reshape(bh, rows, d), k.reshape(bh, n_k, d), v.reshape(bh, n_k, d)]
     tensors += [

@@ -5,13 +5,16 @@
 per (batch x head, query block) leaves most SMs idle. Here the grid is ``(splits, BH)``:
 
 1. :func:`decode_source` (grid ``(splits, BH)``, ``threads`` threads per block): block ``(s, bh)``
-   walks keys ``s*chunk .. (s+1)*chunk - 1`` of head ``bh`` in tiles of ``threads`` keys. Thread
-   ``t`` computes the scores of key ``j0 + t`` for all query rows (its K row read once, straight
-   from global memory: consecutive threads read consecutive rows, each 32-byte sector is used by
-   eight or sixteen successive loads of the same thread, through the L1 cache), the block finds
-   the tile's row maxima in shared memory (the online softmax, Algorithm 1 lines 9-11), and
-   thread ``t`` accumulates output columns ``t, t + threads, ..`` of every row, reading V rows
-   *coalesced* (consecutive threads, consecutive columns). It writes its split's partial state as
+   walks keys ``s*chunk .. (s+1)*chunk - 1`` of head ``bh``, warp-cooperatively and with no
+   barrier in the key loop. A K row is ``G = 4 d / 16`` (float32) or ``2 d / 16`` (float16)
+   16-byte chunks; a *key group* of ``G`` lanes reads one row, lane ``i`` chunk ``i`` by one
+   16-byte load (:func:`flashlab.cuda.ptx.ld_global_v4`), so a warp reads ``32 / G`` whole rows
+   per instruction. Each lane takes the dot product of its chunk with q's (kept in registers),
+   the group sums it by ``log2 G`` shuffles, and the same lane then owns the same columns of the
+   V row: ``O += p V`` is lane-local. Each group keeps its own online softmax (Algorithm 1 lines
+   9-11) over ``unroll`` keys per iteration, their ``2 unroll`` loads issued first (bytes in flight
+   hide the memory latency); at the end the groups of a warp merge by shuffles and the warps
+   through shared memory (chapter 1's merge). It writes the split's partial state as
    ``(o_s, lse_s)``: a :class:`flashlab.online_softmax.State` with ``m = lse_s``, ``l = 1``.
 2. :func:`combine_source` (grid ``(N_q, BH)``, ``d`` threads): chapter 1's merge of all splits,
    ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s``.
@@ -28,9 +31,10 @@ from collections.abc import Callable
 from functools import cache
 
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda, float32, uint32, uint64
 
 from flashlab import device
+from flashlab.cuda import ptx
 from flashlab.cuda.spec import KernelSpec
 from flashlab.inputs import check_scale
 from flashlab.split_kv import auto_splits, check_splits
@@ -38,8 +42,9 @@ from flashlab.traffic import Traffic
 
 MAX_ROWS = 8  # query rows per sequence: decoding (1) and speculative decoding (a few)
 KV_DTYPES = ("float32", "float16")
-#: the registry's default tiles per head dim: threads per block (= keys per tile), query rows
-TILES = {64: {"threads": 64, "rows": 1}, 128: {"threads": 128, "rows": 1}}
+#: the registry's default tiles per head dim: threads per block (whole warps), query rows, keys per
+#: key group and iteration
+TILES = {64: {"threads": 128, "rows": 1, "unroll": 4}, 128: {"threads": 128, "rows": 1, "unroll": 4}}
 HEAD_DIMS = tuple(TILES)
 PARAMS = ("q", "k", "v", "part_o", "part_lse", "n_k", "chunk", "scale", "offset")
 COMBINE_PARAMS = ("part_o", "part_lse", "o", "lse", "splits")
@@ -49,31 +54,47 @@ ONE = np.float32(1.0)
 NEG_INF = np.float32(-np.inf)
 LOG2E = np.float32(math.log2(math.e))
 LN2 = np.float32(math.log(2.0))
+WARP = 32
 
 
 @cache
-def decode_source(d: int, rows: int, threads: int, causal: bool):
+def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv_dtype: str):
     """Kernel 1, partial states: ``decode(q, k, v, part_o, part_lse, n_k, chunk, scale, offset)``.
 
-    ``q (BH, rows, d)`` float32; ``k, v (BH, N_k, d)`` float32 or float16; ``part_o (BH, splits,
-    rows, d)``, ``part_lse (BH, splits, rows)`` float32 outputs; ``chunk`` keys per split;
-    ``offset = N_k - N_q`` (bottom-right causal: row ``r`` sees keys ``j <= r + offset``).
-    ``threads`` divides ``d``; thread ``t`` owns output columns ``t + threads * e``.
+    ``q (BH, rows, d)`` float32; ``k, v (BH, N_k, d)`` ``kv_dtype`` (float32 or float16), 16-byte
+    aligned; ``part_o (BH, splits, rows, d)``, ``part_lse (BH, splits, rows)`` float32 outputs;
+    ``chunk`` keys per split; ``offset = N_k - N_q`` (bottom-right causal: row ``r`` sees keys
+    ``j <= r + offset``). ``threads``: a multiple of 32; ``unroll``: keys per key group and iteration.
     """
-    D, R, T, CAUSAL = d, rows, threads, causal
-    E = D // T  # output columns per thread
+    D, R, T, U, CAUSAL = d, rows, threads, unroll, causal
+    HALF = kv_dtype == "float16"
+    C = 16 // np.dtype(kv_dtype).itemsize  # elements per 16-byte chunk: 4 (float32) or 8 (float16)
+    G = D // C  # lanes per key group: one K (or V) row of 16-byte chunks
+    LOG_G, LOG_KG = G.bit_length() - 1, (WARP // G).bit_length() - 1
+    NG, W = T // G, T // WARP  # key groups and warps per block
+    STEP = NG * U  # keys per iteration of the block
+    ld, unpack, as_f32, shfl = ptx.ld_global_v4, ptx.unpack_f16x2, ptx.as_f32, ptx.shfl_xor
 
     def decode(q, k, v, part_o, part_lse, n_k, chunk, scale, offset):
         q_sh = cuda.shared.array((R, D), float32)
-        s_sh = cuda.shared.array((R, T), float32)
-        p_sh = cuda.shared.array((R, T), float32)
-        s = cuda.local.array(R, float32)
+        m_sh = cuda.shared.array((R, W), float32)
+        l_sh = cuda.shared.array((R, W), float32)
+        o_sh = cuda.shared.array((R, W, D), float32)
+        qc = cuda.local.array((R, C), float32)  # this lane's chunk of every query row, scaled
         m = cuda.local.array(R, float32)
         l = cuda.local.array(R, float32)  # noqa: E741 (the paper's name)
-        acc = cuda.local.array((R, E), float32)
+        acc = cuda.local.array((R, C), float32)  # this lane's columns of the group's O, unnormalised
+        kw = cuda.local.array((U, 4), uint32)  # 16-byte chunks of the next iteration's K and V rows
+        vw = cuda.local.array((U, 4), uint32)
+        kc = cuda.local.array((U, 4), uint32)  # and of this iteration's
+        vc = cuda.local.array((U, 4), uint32)
+        x = cuda.local.array(C, float32)  # one chunk as float32
+        s = cuda.local.array((U, R), float32)  # scores, then probabilities
         split = cuda.blockIdx.x
         bh = uint64(cuda.blockIdx.y)
         t = cuda.threadIdx.x
+        group = t // G  # lanes G group .. G group + G - 1 read one key's row together
+        col = (t % G) * C  # this lane's first column of every K and V row
         c0 = split * chunk
         c1 = min(c0 + chunk, n_k)  # causal, bottom-right: the last row sees every key, all are read
         scale2 = scale * LOG2E  # exp2 is the exponential of scores in log2 units
@@ -82,49 +103,94 @@ def decode_source(d: int, rows: int, threads: int, causal: bool):
         for r in range(R):
             m[r] = NEG_INF
             l[r] = ZERO
-            for e in range(E):
-                acc[r, e] = ZERO
+            for c in range(C):
+                acc[r, c] = ZERO
         cuda.syncthreads()
-        for j0 in range(c0, c1, T):
-            j = j0 + t
-            for r in range(R):
-                s[r] = ZERO
-            if j < c1:  # S = Q K^T for key j: one K row, each value used by every query row
-                for c in range(D):
-                    kc = float32(k[bh, uint64(j), uint64(c)])
-                    for r in range(R):
-                        s[r] += q_sh[r, c] * kc
-            for r in range(R):
-                visible = j < c1 and (not CAUSAL or j <= r + offset)
-                s_sh[r, t] = s[r] if visible else NEG_INF
-            cuda.syncthreads()
-            for r in range(R):  # every thread finds the tile's row max (broadcast reads)
+        for r in range(R):
+            for c in range(C):
+                qc[r, c] = q_sh[r, col + c]
+        # software-pipelined: iteration j0 issues the loads of keys j0 + STEP.. (2U loads, 32 U bytes
+        # in flight per lane while it computes) and then the scores of keys j0.., loaded one
+        # iteration earlier; block-uniform, so every lane takes part in every shuffle
+        for j0 in range(c0 - STEP, c1, STEP):
+            for u in range(U):
+                for w in range(4):
+                    kc[u, w], vc[u, w] = kw[u, w], vw[u, w]
+                j = j0 + STEP + u * NG + group
+                kw[u, 0], kw[u, 1], kw[u, 2], kw[u, 3] = ld(k, bh, uint64(j), uint64(col), j < c1)
+                vw[u, 0], vw[u, 1], vw[u, 2], vw[u, 3] = ld(v, bh, uint64(j), uint64(col), j < c1)
+            if j0 < c0:
+                continue
+            for u in range(U):  # S = Q K^T: a partial dot product per lane, summed over its group
+                j = j0 + u * NG + group
+                for w in range(4):
+                    if HALF:
+                        x[2 * w], x[2 * w + 1] = unpack(kc[u, w])
+                    else:
+                        x[w] = as_f32(kc[u, w])
+                for r in range(R):
+                    dot = ZERO
+                    for c in range(C):
+                        dot += qc[r, c] * x[c]
+                    for b in range(LOG_G):  # lanes G/2, .., 2, 1 apart: the group's sum in every lane
+                        dot += shfl(dot, G >> (b + 1))
+                    visible = j < c1 and (not CAUSAL or j <= r + offset)
+                    s[u, r] = dot if visible else NEG_INF
+            for r in range(R):  # the group's online softmax over its U keys (Algorithm 1 lines 9-11)
                 mx = m[r]
-                for u in range(T):
-                    mx = max(mx, s_sh[r, u])
+                for u in range(U):
+                    mx = max(mx, s[u, r])
                 m_use = ZERO if mx == NEG_INF else mx  # a row with no key yet stays 0, never nan
                 alpha = math.exp2(m[r] - m_use)
                 m[r] = mx
                 l[r] *= alpha
-                for e in range(E):
-                    acc[r, e] *= alpha
-                p_sh[r, t] = math.exp2(s_sh[r, t] - m_use)  # this thread's key
-            cuda.syncthreads()
-            for u in range(min(T, c1 - j0)):  # O += P V: V rows read coalesced, once
-                for e in range(E):
-                    vc = float32(v[bh, uint64(j0 + u), uint64(t + T * e)])
-                    for r in range(R):
-                        acc[r, e] += p_sh[r, u] * vc
+                for c in range(C):
+                    acc[r, c] *= alpha
+                for u in range(U):
+                    s[u, r] = math.exp2(s[u, r] - m_use)
+                    l[r] += s[u, r]
+            for u in range(U):  # O += P V: the lane owns the same columns of the V row, no shuffle
+                for w in range(4):
+                    if HALF:
+                        x[2 * w], x[2 * w + 1] = unpack(vc[u, w])
+                    else:
+                        x[w] = as_f32(vc[u, w])
                 for r in range(R):
-                    l[r] += p_sh[r, u]
-            # no barrier here: a thread may start the next tile's scores (s_sh) while others still
-            # read p_sh; it writes p_sh again only after the next barrier, when all are done
-        for r in range(R):
-            inv = ONE / l[r] if l[r] > ZERO else ZERO
-            for e in range(E):
-                part_o[bh, uint64(split), uint64(r), uint64(t + T * e)] = acc[r, e] * inv
-            if t == 0:  # natural-log lse of the split: (m + log2 l) ln 2
-                lse_r = (m[r] + math.log2(l[r])) * LN2 if l[r] > ZERO else NEG_INF
+                    for c in range(C):
+                        acc[r, c] += s[u, r] * x[c]
+        for b in range(LOG_KG):  # merge the warp's key groups (chapter 1): lanes G, 2G, .. apart
+            for r in range(R):
+                m_o, l_o = shfl(m[r], G << b), shfl(l[r], G << b)
+                mx = max(m[r], m_o)
+                m_use = ZERO if mx == NEG_INF else mx
+                mine, theirs = math.exp2(m[r] - m_use), math.exp2(m_o - m_use)
+                m[r] = mx
+                l[r] = l[r] * mine + l_o * theirs
+                for c in range(C):
+                    acc[r, c] = acc[r, c] * mine + shfl(acc[r, c], G << b) * theirs
+        if t % WARP < G:  # then the warps, through shared memory: group 0 of each holds its warp's state
+            for r in range(R):
+                if col == 0:
+                    m_sh[r, t // WARP] = m[r]
+                    l_sh[r, t // WARP] = l[r]
+                for c in range(C):
+                    o_sh[r, t // WARP, col + c] = acc[r, c]
+        cuda.syncthreads()
+        for e in range(t, R * D, T):  # one element of the split's (o_s, lse_s) per thread
+            r, c = e // D, e % D
+            mx = NEG_INF
+            for w in range(W):
+                mx = max(mx, m_sh[r, w])
+            m_use = ZERO if mx == NEG_INF else mx
+            total = ZERO
+            out = ZERO
+            for w in range(W):
+                f = math.exp2(m_sh[r, w] - m_use)
+                total += l_sh[r, w] * f
+                out += o_sh[r, w, c] * f
+            part_o[bh, uint64(split), uint64(r), uint64(c)] = out / total if total > ZERO else ZERO
+            if c == 0:  # natural-log lse of the split: (m + log2 l) ln 2
+                lse_r = (m_use + math.log2(total)) * LN2 if total > ZERO else NEG_INF
                 part_lse[bh, uint64(split), uint64(r)] = lse_r
 
     return decode
@@ -166,11 +232,13 @@ def combine_source(d: int):
 def decode_spec(
     d: int, causal: bool, t: dict, device_fn: Callable, target: str, kv_dtype="float32"
 ) -> KernelSpec:
-    """The registry's factory: kernel 1 for head dim ``d``, tiles ``threads`` and ``rows``, a
-    ``kv_dtype`` cache; grid ``(splits, BH)`` from the ``part_o`` argument. ``device_fn`` is unused
-    (the kernel calls no helper)."""
-    if d % t["threads"]:
-        raise ValueError(f"decode: threads={t['threads']} must divide d={d}")
+    """The registry's factory: kernel 1 for head dim ``d``, tiles ``threads``, ``rows`` and ``unroll``,
+    a ``kv_dtype`` cache; grid ``(splits, BH)`` from the ``part_o`` argument. ``device_fn`` is unused
+    (the kernel calls only :mod:`flashlab.cuda.ptx` intrinsics)."""
+    if t["threads"] % WARP or t["threads"] > 1024:
+        raise ValueError(
+            f"decode: threads={t['threads']} must be a multiple of {WARP} (whole warps), <= 1024"
+        )
     if t["rows"] > MAX_ROWS:
         raise ValueError(f"decode: rows={t['rows']} query rows per sequence; the kernel takes 1..{MAX_ROWS}")
     if kv_dtype not in KV_DTYPES:
@@ -179,7 +247,7 @@ def decode_spec(
         f"void(float32[:, :, ::1], {kv_dtype}[:, :, ::1], {kv_dtype}[:, :, ::1], float32[:, :, :, ::1], "
         "float32[:, :, ::1], int64, int64, float32, int64)"
     )
-    source = decode_source(d, t["rows"], t["threads"], causal)
+    source = decode_source(d, t["rows"], t["threads"], t["unroll"], causal, kv_dtype)
     return KernelSpec(
         "decode", d, causal, source, PARAMS, lambda a: (a["part_o"].shape[1], a["q"].shape[0]),
         (t["threads"],), 0, signature, tuple(t.items()) + (("kv_dtype", kv_dtype),), target,
@@ -195,12 +263,16 @@ def combine_spec(d: int, splits: int, target: str) -> KernelSpec:
     )  # fmt: skip
 
 
-def specs(d: int, rows: int, causal: bool, kv_dtype: str, splits: int, threads=None, target=None):
-    """Both kernels' specs for ``target``: ``"gpu"`` or ``"sim"`` (default: where kernels run now)."""
+def specs(
+    d: int, rows: int, causal: bool, kv_dtype: str, splits: int, threads=None, target=None, unroll=None
+):
+    """Both kernels' specs for ``target``: ``"gpu"`` or ``"sim"`` (default: where kernels run now);
+    ``threads`` and ``unroll`` default to :data:`TILES`."""
     from flashlab.cuda.registry import make_kernel
 
     target = target or ("gpu" if device.MODE == "gpu" else "sim")
-    tiles = {"rows": rows} | ({} if threads is None else {"threads": threads})
+    given = {"threads": threads, "unroll": unroll}
+    tiles = {"rows": rows} | {key: value for key, value in given.items() if value is not None}
     return make_kernel("decode", d, causal, target=target, kv_dtype=kv_dtype, **tiles), combine_spec(
         d, splits, target
     )
@@ -247,14 +319,22 @@ def _check(q_shape, k_shape, v_shape, q_dtype, kv_dtypes) -> tuple[int, int, int
     return rows, n_k, d
 
 
-def decode_attention(q, k, v, *, splits="auto", causal=False, scale=None, return_lse=False, threads=None):
+def default_splits(n_k: int, bh: int, threads: int) -> int:
+    """``splits="auto"``: :func:`flashlab.split_kv.auto_splits` with as many blocks of ``threads`` per
+    SM as 2048 threads make (the most an SM runs), so that the loads in flight fill HBM's pipe."""
+    return auto_splits(n_k, bh, blocks_per_sm=2048 // threads)
+
+
+def decode_attention(
+    q, k, v, *, splits="auto", causal=False, scale=None, return_lse=False, threads=None, unroll=None
+):
     """Split-KV decoding attention by the two kernels: ``o (..., N_q, d)`` (and ``lse (..., N_q)``).
 
     ``q (..., N_q, d)`` with ``1 <= N_q <=`` :data:`MAX_ROWS`, float32 (float16 is lifted);
     ``k, v (..., N_k, d)`` stored both float32 or both float16; ``d`` in :data:`HEAD_DIMS`; leading
     dims broadcast; ``causal`` bottom-right as in :func:`flashlab.naive_attention`. ``splits``: a
-    positive integer or ``"auto"`` (:func:`flashlab.split_kv.auto_splits` with as many blocks per
-    SM as fit, 2048 threads each); ``threads``: per block of kernel 1 (divides d; default d).
+    positive integer or ``"auto"`` (:func:`default_splits`); ``threads`` (whole warps) and
+    ``unroll``: kernel 1's tiles (default :data:`TILES`). CUDA tensors must be 16-byte aligned.
     NumPy in, NumPy float32 out; torch CUDA tensors in, tensors out (no copies of K and V).
     """
     from flashlab.cuda.launch import is_cuda_tensor
@@ -265,13 +345,16 @@ def decode_attention(q, k, v, *, splits="auto", causal=False, scale=None, return
     lead = tuple(np.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2])))
     bh = math.prod(lead)
     if isinstance(splits, str) and splits == "auto":
-        splits = auto_splits(n_k, bh, blocks_per_sm=2048 // (threads or TILES[d]["threads"]))
+        splits = default_splits(n_k, bh, threads or TILES[d]["threads"])
     splits = check_splits(splits, n_k, bh)
-    first, combine = specs(d, rows, causal, dtypes[1], splits, threads)
+    first, combine = specs(d, rows, causal, dtypes[1], splits, threads, unroll=unroll)
     if is_cuda_tensor(q):
         import torch
 
         q3, k3, v3 = (x.expand(lead + tuple(x.shape[-2:])).reshape(bh, -1, d).contiguous() for x in (q, k, v))
+        for name, x in (("k", k3), ("v", v3)):
+            if x.data_ptr() % 16:
+                raise ValueError(f"{name} must start at a 16-byte aligned address (16-byte loads)")
         outs = [
             torch.empty(shape, dtype=torch.float32, device=q.device)
             for shape in buffer_shapes(bh, rows, d, splits)
@@ -316,7 +399,7 @@ def decode_traffic(bh: int, rows: int, n_k: int, d: int, splits: int) -> Traffic
 
 
 def count_traffic(
-    q, k, v, *, splits, causal=False, scale=None, threads=None
+    q, k, v, *, splits, causal=False, scale=None, threads=None, unroll=None
 ) -> tuple[Traffic, np.ndarray, np.ndarray]:
     """Run both kernels in the simulator over counting arrays: ``(Traffic, o, lse)``.
 
@@ -328,7 +411,7 @@ def count_traffic(
     rows, n_k, d = _check(q.shape, k.shape, v.shape, str(q.dtype), [str(k.dtype), str(v.dtype)])
     bh = q.shape[0]
     splits = check_splits(splits, n_k, bh)
-    first, combine = specs(d, rows, causal, str(k.dtype), splits, threads, target="sim")  # on any machine
+    first, combine = specs(d, rows, causal, str(k.dtype), splits, threads, "sim", unroll)  # on any machine
     outs = [np.full(shape, np.nan, np.float32) for shape in buffer_shapes(bh, rows, d, splits)]  # poisoned
     counted = [CountingArray(x) for x in (q, k, v, *outs)]
     args = args_for(*counted, check_scale(scale, d))
