@@ -57,6 +57,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
     ldsm, ldsm_t, shfl, ex2 = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor, ptx.ex2
     cp_async, cp_commit, cp_wait = ptx.cp_async16, ptx.cp_async_commit, ptx.cp_async_wait_all
     KEYS = TILE_KEYS[d]
+    BUFFERED = 2 * KEYS  # rows of the two shared tiles (a constant: numba types the shape at compile time)
     SW, CH = (d + PAD) // 2, d // 8  # words per shared row, 16-byte chunks per row
     KS, NS, NO, PK = (
         d // 16,
@@ -65,6 +66,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
         KEYS // 16,
     )  # k-steps of QK^T, S n-tiles, O n-tiles, PV k-steps
     THREADS = 32 * WARPS
+    COPIES, ROW_STEP = KEYS * CH // THREADS, THREADS // CH  # chunks per thread per tile; rows apart
 
     def flash_tc(q, k, v, o, lse, n_q, n_k, scale, offset):
         bh = cuda.blockIdx.y
@@ -74,8 +76,9 @@ def kernel_source(d: int, causal: bool, dtype: str):
         t = lane & 3
         r0 = cuda.blockIdx.x * ROWS + (tid >> 5) * 16  # this warp's first query row
         row0 = r0 + g  # this lane's two rows: row0 and row0 + 8
-        ks = cuda.shared.array((2 * KEYS, SW), uint32, alignment=16)  # two tiles: one computed,
-        vs = cuda.shared.array((2 * KEYS, SW), uint32, alignment=16)  # the next one in flight
+        r_copy, w_copy = tid // CH, (tid % CH) * 4  # the first tile row and word this thread copies
+        ks = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # two tiles: one computed,
+        vs = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # the next one in flight
         qf = cuda.local.array((KS, 4), uint32)
         s = cuda.local.array((NS, 4), float32)
         acc = cuda.local.array((NO, 4), float32)
@@ -102,14 +105,13 @@ def kernel_source(d: int, causal: bool, dtype: str):
             if it < n_tiles:
                 base = (it & 1) * KEYS
                 j_first = it * KEYS
-                for idx in range(tid, KEYS * CH, THREADS):  # 16-byte chunks of K and V rows
-                    r = idx // CH
-                    w = (idx - r * CH) * 4
+                for u in range(COPIES):  # 16-byte chunks of K and V rows, rows r_copy + u * ROW_STEP
+                    r = r_copy + u * ROW_STEP
                     j = j_first + r
                     nbytes = 16 if j < n_k else 0  # past the end: zeros
                     jj = j if j < n_k else n_k - 1
-                    cp_async(ks, base + r, w, k, bh, jj, w, nbytes)
-                    cp_async(vs, base + r, w, v, bh, jj, w, nbytes)
+                    cp_async(ks, base + r, w_copy, k, bh, jj, w_copy, nbytes)
+                    cp_async(vs, base + r, w_copy, v, bh, jj, w_copy, nbytes)
                 cp_commit()
             if it == 0:
                 continue
