@@ -71,8 +71,10 @@ def time_ms(fn, repeat: int, warmup: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def _flashlab(q, k, v):
-    """A prepared launch of the two decoding kernels (torch CUDA tensors, or NumPy in the simulator)."""
+def _flashlab(q, k, v, *, threads=None, unroll=None, splits=None):
+    """A prepared launch of the two decoding kernels (torch CUDA tensors, or NumPy in the simulator);
+    ``threads``, ``unroll`` and ``splits`` default to the kernel's (:data:`flashlab.cuda.decode.TILES`,
+    :func:`flashlab.cuda.decode.default_splits`)."""
     import torch
     from numba import cuda
 
@@ -80,8 +82,10 @@ def _flashlab(q, k, v):
 
     batch, heads, rows, d = q.shape
     bh, n_k = batch * heads, k.shape[-2]
-    splits = decode.default_splits(n_k, bh, decode.TILES[d]["threads"])
-    first, combine = decode.specs(d, rows, False, str(k.dtype).removeprefix("torch."), splits)
+    threads = threads or decode.TILES[d]["threads"]
+    splits = splits or decode.default_splits(n_k, bh, threads)
+    kv_dtype = str(k.dtype).removeprefix("torch.")
+    first, combine = decode.specs(d, rows, False, kv_dtype, splits, threads, unroll=unroll)
     tensors = [q.float().reshape(bh, rows, d), k.reshape(bh, n_k, d), v.reshape(bh, n_k, d)]
     tensors += [
         torch.empty(s, dtype=torch.float32, device=q.device)
