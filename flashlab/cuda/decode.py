@@ -12,9 +12,10 @@ per (batch x head, query block) leaves most SMs idle. Here the grid is ``(splits
    per instruction. Each lane takes the dot product of its chunk with q's (kept in registers),
    the group sums it by ``log2 G`` shuffles, and the same lane then owns the same columns of the
    V row: ``O += p V`` is lane-local. Each group keeps its own online softmax (Algorithm 1 lines
-   9-11) over ``unroll`` keys per iteration, their ``2 unroll`` loads issued first (bytes in flight
-   hide the memory latency); at the end the groups of a warp merge by shuffles and the warps
-   through shared memory (chapter 1's merge). It writes the split's partial state as
+   9-11) over ``unroll`` keys per iteration; the ``2 unroll`` loads of the next iteration's keys are
+   issued before this iteration's are computed (software pipelining: ``32 unroll`` bytes in flight
+   per lane hide the memory latency). At the end the groups of a warp merge by shuffles and the
+   warps through shared memory (chapter 1's merge). It writes the split's partial state as
    ``(o_s, lse_s)``: a :class:`flashlab.online_softmax.State` with ``m = lse_s``, ``l = 1``.
 2. :func:`combine_source` (grid ``(N_q, BH)``, ``d`` threads): chapter 1's merge of all splits,
    ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s``.
