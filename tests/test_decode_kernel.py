@@ -80,6 +80,7 @@ def test_counted_traffic_equals_the_closed_form():
         (dict(rows=9), "1..8"),
         (dict(splits=0), "splits must be a positive integer"),
         (dict(threads=48), "threads=48 must be a multiple of 32"),
+        (dict(threads=1024, rows=8), "threads=1024 with rows=8 at d=64 needs"),
         (dict(v_dtype=np.float64), "stored as one of"),
     ],
 )

@@ -36,7 +36,7 @@ from numba import cuda, float32, uint32, uint64
 
 from flashlab import device
 from flashlab.cuda import ptx
-from flashlab.cuda.spec import KernelSpec
+from flashlab.cuda.spec import STATIC_SHARED_LIMIT, KernelSpec
 from flashlab.inputs import check_scale
 from flashlab.split_kv import auto_splits, check_splits
 from flashlab.traffic import Traffic
@@ -244,6 +244,12 @@ def decode_spec(
         raise ValueError(f"decode: rows={t['rows']} query rows per sequence; the kernel takes 1..{MAX_ROWS}")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"decode: kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    shared = 4 * t["rows"] * (d + t["threads"] // WARP * (d + 2))  # q, and every warp's (m, l, o)
+    if shared > STATIC_SHARED_LIMIT:
+        raise ValueError(
+            f"decode: threads={t['threads']} with rows={t['rows']} at d={d} needs {shared} B of shared "
+            f"memory, more than {STATIC_SHARED_LIMIT}; use fewer threads"
+        )
     signature = (
         f"void(float32[:, :, ::1], {kv_dtype}[:, :, ::1], {kv_dtype}[:, :, ::1], float32[:, :, :, ::1], "
         "float32[:, :, ::1], int64, int64, float32, int64)"
