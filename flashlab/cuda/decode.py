@@ -99,21 +99,16 @@ def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv
         c0 = split * chunk
         c1 = min(c0 + chunk, n_k)  # causal, bottom-right: the last row sees every key, all are read
         scale2 = scale * LOG2E  # exp2 is the exponential of scores in log2 units
-        for e in range(t, R * D, T):
-            q_sh[e // D, e % D] = q[bh, uint64(e // D), uint64(e % D)] * scale2
         for r in range(R):
             m[r] = NEG_INF
             l[r] = ZERO
             for c in range(C):
                 acc[r, c] = ZERO
-        cuda.syncthreads()
-        for r in range(R):
-            for c in range(C):
-                qc[r, c] = q_sh[r, col + c]
         # software-pipelined: iteration j0 issues the loads of keys j0 + STEP.. (2U loads, 32 U bytes
         # in flight per lane while it computes) and then the scores of keys j0.., loaded one
-        # iteration earlier; block-uniform, so every lane takes part in every shuffle
-        for j0 in range(c0 - STEP, c1, STEP):
+        # iteration earlier; block-uniform, so every lane takes part in every shuffle. The first
+        # iteration (at least one, also for an empty split) stages q while its loads are in flight.
+        for j0 in range(min(c0, c1) - STEP, c1, STEP):
             for u in range(U):
                 for w in range(4):
                     kc[u, w], vc[u, w] = kw[u, w], vw[u, w]
@@ -121,6 +116,12 @@ def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv
                 kw[u, 0], kw[u, 1], kw[u, 2], kw[u, 3] = ld(k, bh, uint64(j), uint64(col), j < c1)
                 vw[u, 0], vw[u, 1], vw[u, 2], vw[u, 3] = ld(v, bh, uint64(j), uint64(col), j < c1)
             if j0 < c0:
+                for e in range(t, R * D, T):
+                    q_sh[e // D, e % D] = q[bh, uint64(e // D), uint64(e % D)] * scale2
+                cuda.syncthreads()  # once per block
+                for r in range(R):
+                    for c in range(C):
+                        qc[r, c] = q_sh[r, col + c]
                 continue
             for u in range(U):  # S = Q K^T: a partial dot product per lane, summed over its group
                 j = j0 + u * NG + group
