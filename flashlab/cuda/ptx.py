@@ -307,13 +307,10 @@ PTX = {
     "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
     "pack_bf16x2": "cvt.rn.bf16x2.f32 $0, $2, $1;",
     "pack_f16x2": "cvt.rn.f16x2.f32 $0, $2, $1;",
-    "ldmatrix_x4": "{ .reg .u64 p; cvta.to.shared.u64 p, $4; "
-    "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [p]; }",
-    "ldmatrix_x4_trans": "{ .reg .u64 p; cvta.to.shared.u64 p, $4; "
-    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [p]; }",
+    "ldmatrix_x4": "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
+    "ldmatrix_x4_trans": "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4];",
     "shfl_xor": "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
-    "cp_async16": "{ .reg .u64 d, s; cvta.to.shared.u64 d, $0; cvta.to.global.u64 s, $1; "
-    "cp.async.cg.shared.global [d], [s], 16, $2; }",
+    "cp_async16": "{ .reg .u64 s; cvta.to.global.u64 s, $1; cp.async.cg.shared.global [$0], [s], 16, $2; }",
     "cp_async_commit": "cp.async.commit_group;",
     "cp_async_wait_all": "cp.async.wait_group 0;",
     "ex2": "ex2.approx.ftz.f32 $0, $1;",
@@ -336,6 +333,14 @@ def _intrinsics() -> dict:
         ary = context.make_array(aryty)(context, builder, ary)
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
         return builder.ptrtoint(ptr, ir.IntType(64))
+
+    def shared_address(context, builder, aryty, ary, indices):
+        """The 32-bit shared-memory address of an element of a shared array: the generic pointer cast
+        back to the shared address space, so that the index arithmetic stays 32-bit and needs no
+        ``cvta`` per instruction."""
+        ary = context.make_array(aryty)(context, builder, ary)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
+        return builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3)), i32)
 
     def four(context, builder, sig, res):
         vals = [builder.extract_value(res, i) for i in range(4)]
@@ -370,9 +375,9 @@ def _intrinsics() -> dict:
             sig = types.UniTuple(types.uint32, 4)(smem, types.intp, types.intp)
 
             def codegen(context, builder, sig, args):
-                addr = pointer(context, builder, sig.args[0], args[0], args[1:])
+                addr = shared_address(context, builder, sig.args[0], args[0], args[1:])
                 ret = ir.LiteralStructType([i32] * 4)
-                res = asm(builder, ret, [addr], PTX[name], "=r,=r,=r,=r,l,~{memory}", side_effect=True)
+                res = asm(builder, ret, [addr], PTX[name], "=r,=r,=r,=r,r,~{memory}", side_effect=True)
                 return four(context, builder, sig, res)
 
             return sig, codegen
@@ -391,9 +396,9 @@ def _intrinsics() -> dict:
         sig = types.void(dst, types.intp, types.intp, src, types.intp, types.intp, types.intp, types.int32)
 
         def codegen(context, builder, sig, args):
-            d = pointer(context, builder, sig.args[0], args[0], args[1:3])
+            d = shared_address(context, builder, sig.args[0], args[0], args[1:3])
             s = pointer(context, builder, sig.args[3], args[3], args[4:7])
-            asm(builder, ir.VoidType(), [d, s, args[7]], PTX["cp_async16"], "l,l,r,~{memory}", True)
+            asm(builder, ir.VoidType(), [d, s, args[7]], PTX["cp_async16"], "r,l,r,~{memory}", True)
             return context.get_dummy_value()
 
         return sig, codegen
