@@ -137,7 +137,7 @@ def _cp_async_kernel(src, out, n_rows):
     lane = cuda.threadIdx.x
     sm = cuda.shared.array((8, 16), uint32, alignment=16)
     r, w = lane // 4, (lane % 4) * 4
-    ptx.cp_async16(sm, r, w, src, 0, r if r < n_rows else 0, w, 16 if r < n_rows else 0)
+    ptx.cp_async16(sm, r, w, src, (r if r < n_rows else 0) * 16 + w, 16 if r < n_rows else 0)
     ptx.cp_async_commit()
     ptx.cp_async_wait_all()
     cuda.syncthreads()
@@ -147,20 +147,20 @@ def _cp_async_kernel(src, out, n_rows):
 
 @pytest.mark.parametrize("n_rows", [8, 5])
 def test_cp_async_copies_16_bytes_and_zero_fills(n_rows):
-    src = np.random.default_rng(n_rows).integers(0, 2**32, (1, 8, 16), dtype=np.uint32)
+    src = np.random.default_rng(n_rows).integers(0, 2**32, 8 * 16, dtype=np.uint32)  # 8 rows, flat
     out = np.full((8, 16), 7, np.uint32)
     if device.MODE == "gpu":
         cuda.jit(_cp_async_kernel)[1, 32](src, out, n_rows)
     else:  # numba's simulator refuses aligned shared arrays; flashlab's block runner takes them
         simulate(_cp_async_kernel, (1,), (32,), (src, out, n_rows))
-    assert np.array_equal(out[:n_rows], src[0, :n_rows]) and not out[n_rows:].any()
+    assert np.array_equal(out[:n_rows], src.reshape(8, 16)[:n_rows]) and not out[n_rows:].any()
 
 
 def test_cp_async_destination_is_poisoned_until_the_wait():
-    dst, src = np.zeros((1, 4), np.uint32), np.arange(4, dtype=np.uint32).reshape(1, 1, 4)
+    dst, src = np.zeros((1, 4), np.uint32), np.arange(4, dtype=np.uint32)
 
     def lane():  # a thread of its own, as a simulated lane is
-        ptx.emulated_cp_async16(dst, 0, 0, src, 0, 0, 0, 16)
+        ptx.emulated_cp_async16(dst, 0, 0, src, 0, 16)
         seen.append(dst.copy())
         ptx.emulated_cp_async_wait_all()
 
@@ -168,7 +168,7 @@ def test_cp_async_destination_is_poisoned_until_the_wait():
     thread = threading.Thread(target=lane)
     thread.start()
     thread.join()
-    assert np.all(seen[0] == ptx.POISON) and np.array_equal(dst[0], src[0, 0])
+    assert np.all(seen[0] == ptx.POISON) and np.array_equal(dst[0], src)
 
 
 @cuda.jit

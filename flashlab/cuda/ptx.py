@@ -262,14 +262,15 @@ def emulated_shfl_xor(value, lane_mask):
 POISON = np.uint32(0x7FC07FC0)
 
 
-def emulated_cp_async16(dst, row, col, src, bh, src_row, src_col, nbytes):
+def emulated_cp_async16(dst, row, col, src, index, nbytes):
     """``cp.async.cg.shared.global [dst], [src], 16, nbytes``: copy 16 bytes (4 uint32 words) from
-    global ``src[bh, src_row, src_col:+4]`` to shared ``dst[row, col:+4]`` without passing through
-    registers; ``nbytes = 0`` writes zeros instead (a tile row past the end). Both addresses 16-byte
-    aligned. The copy lands only by :func:`emulated_cp_async_wait_all`: until then the destination
-    holds NaN, so a kernel that reads it too early, or refills a buffer still being read, computes NaN.
+    global ``src[index:index + 4]`` (a 1-d array) to shared ``dst[row, col:col + 4]`` without passing
+    through registers; ``nbytes = 0`` writes zeros instead (a tile row past the end). Both addresses
+    16-byte aligned. The copy lands only by :func:`emulated_cp_async_wait_all`: until then the
+    destination holds NaN, so a kernel that reads it too early, or refills a buffer still being read,
+    computes NaN.
     """
-    words = [src[bh, src_row, src_col + w] if nbytes else np.uint32(0) for w in range(4)]
+    words = [src[index + w] if nbytes else np.uint32(0) for w in range(4)]
     for w in range(4):
         dst[row, col + w] = POISON
     pending = threading.current_thread().__dict__.setdefault("cp_async", [])
@@ -392,13 +393,13 @@ def _intrinsics() -> dict:
 
         return sig, codegen
 
-    def cp_async16(typingctx, dst, row, col, src, bh, src_row, src_col, nbytes):
-        sig = types.void(dst, types.intp, types.intp, src, types.intp, types.intp, types.intp, types.int32)
+    def cp_async16(typingctx, dst, row, col, src, index, nbytes):
+        sig = types.void(dst, types.intp, types.intp, src, types.intp, types.int32)
 
         def codegen(context, builder, sig, args):
             d = shared_address(context, builder, sig.args[0], args[0], args[1:3])
-            s = pointer(context, builder, sig.args[3], args[3], args[4:7])
-            asm(builder, ir.VoidType(), [d, s, args[7]], PTX["cp_async16"], "r,l,r,~{memory}", True)
+            s = pointer(context, builder, sig.args[3], args[3], args[4:5])
+            asm(builder, ir.VoidType(), [d, s, args[5]], PTX["cp_async16"], "r,l,r,~{memory}", True)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -15,9 +15,9 @@ share them by ``shfl.xor``. Causal masking is bottom-right (query ``i`` sees key
 ``j <= i + N_k - N_q``); tiles past the diagonal are skipped; tail tiles are masked.
 
 Arguments (leading dims flattened into BH; 16-bit values travel as uint32 pairs, see
-:mod:`flashlab.precision`): ``q (BH, N_q, d/2)``, ``k, v (BH, N_k, d/2)`` uint32, ``o (BH, N_q, d/2)``
-uint32 (rounded to the input format), ``lse (BH, N_q)`` float32 (natural log), ``n_q, n_k``,
-``scale`` (float32), ``offset = N_k - N_q``.
+:mod:`flashlab.precision`): ``q (BH, N_q, d/2)`` uint32; ``k, v`` uint32, flat, ``BH N_k d/2``
+words each (one index addresses both); ``o (BH, N_q, d/2)`` uint32 (rounded to the input format),
+``lse (BH, N_q)`` float32 (natural log), ``n_q, n_k``, ``scale`` (float32), ``offset = N_k - N_q``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
     cp_async, cp_commit, cp_wait = ptx.cp_async16, ptx.cp_async_commit, ptx.cp_async_wait_all
     KEYS = TILE_KEYS[d]
     BUFFERED = 2 * KEYS  # rows of the two shared tiles (a constant: numba types the shape at compile time)
-    SW, CH = (d + PAD) // 2, d // 8  # words per shared row, 16-byte chunks per row
+    W, SW, CH = d // 2, (d + PAD) // 2, d // 8  # words per row in global and shared memory; 16-byte chunks
     KS, NS, NO, PK = (
         d // 16,
         KEYS // 8,
@@ -77,6 +77,7 @@ def kernel_source(d: int, causal: bool, dtype: str):
         r0 = cuda.blockIdx.x * ROWS + (tid >> 5) * 16  # this warp's first query row
         row0 = r0 + g  # this lane's two rows: row0 and row0 + 8
         r_copy, w_copy = tid // CH, (tid % CH) * 4  # the first tile row and word this thread copies
+        kv_row = bh * n_k  # k, v are flat: row j of head bh starts at word (bh N_k + j) W
         ks = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # two tiles: one computed,
         vs = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # the next one in flight
         qf = cuda.local.array((KS, 4), uint32)
@@ -110,8 +111,9 @@ def kernel_source(d: int, causal: bool, dtype: str):
                     j = j_first + r
                     nbytes = 16 if j < n_k else 0  # past the end: zeros
                     jj = j if j < n_k else n_k - 1
-                    cp_async(ks, base + r, w_copy, k, bh, jj, w_copy, nbytes)
-                    cp_async(vs, base + r, w_copy, v, bh, jj, w_copy, nbytes)
+                    at = (kv_row + jj) * W + w_copy  # K and V have one shape: one index for both
+                    cp_async(ks, base + r, w_copy, k, at, nbytes)
+                    cp_async(vs, base + r, w_copy, v, at, nbytes)
                 cp_commit()
             if it == 0:
                 continue
@@ -247,6 +249,7 @@ def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str) -> None:
     if not n_q:
         return
     grid = (math.ceil(n_q / ROWS), bh)
+    k, v = (x.reshape(x.size) for x in (k, v))  # flat (contiguous): the kernel's copy index
     args = (q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q)
     if device.MODE == "gpu":
         compiled(2 * w, causal, dtype)[grid, 32 * WARPS](*args)
