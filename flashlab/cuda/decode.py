@@ -59,13 +59,14 @@ WARP = 32
 
 
 @cache
-def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv_dtype: str):
+def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv_dtype: str, target: str):
     """Kernel 1, partial states: ``decode(q, k, v, part_o, part_lse, n_k, chunk, scale, offset)``.
 
     ``q (BH, rows, d)`` float32; ``k, v (BH, N_k, d)`` ``kv_dtype`` (float32 or float16), 16-byte
     aligned; ``part_o (BH, splits, rows, d)``, ``part_lse (BH, splits, rows)`` float32 outputs;
     ``chunk`` keys per split; ``offset = N_k - N_q`` (bottom-right causal: row ``r`` sees keys
-    ``j <= r + offset``). ``threads``: a multiple of 32; ``unroll``: keys per key group and iteration.
+    ``j <= r + offset``). ``threads``: a multiple of 32; ``unroll``: keys per key group and iteration;
+    ``target``: ``"gpu"`` or ``"sim"`` (which implementation of the PTX instructions it calls).
     """
     D, R, T, U, CAUSAL = d, rows, threads, unroll, causal
     HALF = kv_dtype == "float16"
@@ -74,7 +75,8 @@ def decode_source(d: int, rows: int, threads: int, unroll: int, causal: bool, kv
     LOG_G, LOG_KG = G.bit_length() - 1, (WARP // G).bit_length() - 1
     NG, W = T // G, T // WARP  # key groups and warps per block
     STEP = NG * U  # keys per iteration of the block
-    ld, unpack, as_f32, shfl = ptx.ld_global_v4, ptx.unpack_f16x2, ptx.as_f32, ptx.shfl_xor
+    op = ptx.for_target(target)  # inline PTX on a GPU, the emulations in the simulator
+    ld, unpack, as_f32, shfl = op["ld_global_v4"], op["unpack_f16x2"], op["as_f32"], op["shfl_xor"]
 
     def decode(q, k, v, part_o, part_lse, n_k, chunk, scale, offset):
         q_sh = cuda.shared.array((R, D), float32)
@@ -255,7 +257,7 @@ def decode_spec(
         f"void(float32[:, :, ::1], {kv_dtype}[:, :, ::1], {kv_dtype}[:, :, ::1], float32[:, :, :, ::1], "
         "float32[:, :, ::1], int64, int64, float32, int64)"
     )
-    source = decode_source(d, t["rows"], t["threads"], t["unroll"], causal, kv_dtype)
+    source = decode_source(d, t["rows"], t["threads"], t["unroll"], causal, kv_dtype, target)
     return KernelSpec(
         "decode", d, causal, source, PARAMS, lambda a: (a["part_o"].shape[1], a["q"].shape[0]),
         (t["threads"],), 0, signature, tuple(t.items()) + (("kv_dtype", kv_dtype),), target,

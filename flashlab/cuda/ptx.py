@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from functools import cache
 
 import numpy as np
 
@@ -296,6 +297,38 @@ def emulated_ex2(x):
     return y if y >= np.finfo(np.float32).tiny else np.float32(0.0)
 
 
+# 16-byte global loads and their unpacking (the split-KV decode kernel, flashlab.cuda.decode):
+# numba emits one scalar load per element; one ``LDG.E.128`` per lane moves 16 bytes, so a warp reads
+# 512 bytes per instruction. The loaded words are then reinterpreted: two fp16 halves, or one float32.
+
+_ZERO_WORDS = (np.uint32(0),) * 4
+
+
+def emulated_ld_global_v4(arr, i0, i1, i2, valid):
+    """``@p ld.global.nc.v4.u32``: the 16 bytes that start at element ``arr[i0, i1, i2]`` of a 3-d
+    float32 or float16 global array (4 or 8 elements of its last axis, 16-byte aligned) as four
+    uint32 words, the first element in the low bytes of word 0; four zeros, and no access, where
+    ``valid`` is false. Through the read-only (non-coherent) cache: ``arr`` must not be written by the
+    kernel."""
+    if not valid:
+        return _ZERO_WORDS
+    first = arr[i0, i1, i2]  # element by element, so a counting array counts each element once
+    elements = [first] + [arr[i0, i1, i2 + e] for e in range(1, 16 // first.itemsize)]
+    return tuple(np.array(elements).view(np.uint32))
+
+
+def emulated_unpack_f16x2(word):
+    """``mov.b32 {lo, hi}, word; cvt.f32.f16``: the two fp16 halves of ``word`` as float32 (exact),
+    the low half (the element with the smaller index) first."""
+    lo, hi = from_bits(np.array(_halves(word), np.uint16), "float16")
+    return np.float32(lo), np.float32(hi)
+
+
+def emulated_as_f32(word):
+    """The bits of the 32-bit ``word`` as a float32 (a bit cast, no instruction)."""
+    return np.uint32(word).view(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # The inline-PTX intrinsics (GPU)
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +348,9 @@ PTX = {
     "cp_async_commit": "cp.async.commit_group;",
     "cp_async_wait_all": "cp.async.wait_group 0;",
     "ex2": "ex2.approx.ftz.f32 $0, $1;",
+    "ld_global_v4": "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
+    "mov.b32 $3, 0; @p ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4]; }",
+    "unpack_f16x2": "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
 }
 
 
@@ -420,6 +456,35 @@ def _intrinsics() -> dict:
 
         return types.float32(types.float32), codegen
 
+    def ld_global_v4(typingctx, arr, i0, i1, i2, valid):
+        sig = types.UniTuple(types.uint32, 4)(arr, types.intp, types.intp, types.intp, types.boolean)
+
+        def codegen(context, builder, sig, args):
+            ops = [pointer(context, builder, sig.args[0], args[0], args[1:4]), builder.zext(args[4], i32)]
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [x.type for x in ops])
+            res = builder.call(ir.InlineAsm(fnty, PTX["ld_global_v4"], "=r,=r,=r,=r,l,r"), ops)
+            words = [builder.extract_value(res, w) for w in range(4)]
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return sig, codegen
+
+    def unpack_f16x2(typingctx, word):
+        sig = types.UniTuple(types.float32, 2)(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 2), [i32])
+            res = builder.call(ir.InlineAsm(fnty, PTX["unpack_f16x2"], "=f,=f,r"), args)
+            halves = [builder.extract_value(res, h) for h in range(2)]
+            return context.make_tuple(builder, sig.return_type, halves)
+
+        return sig, codegen
+
+    def as_f32(typingctx, word):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], f32)
+
+        return types.float32(types.uint32), codegen
+
     built = {
         "mma_bf16": make_mma("mma_bf16"),
         "mma_f16": make_mma("mma_f16"),
@@ -432,6 +497,9 @@ def _intrinsics() -> dict:
         "cp_async_commit": make_fence("cp_async_commit"),
         "cp_async_wait_all": make_fence("cp_async_wait_all"),
         "ex2": intrinsic(ex2),
+        "ld_global_v4": intrinsic(ld_global_v4),
+        "unpack_f16x2": intrinsic(unpack_f16x2),
+        "as_f32": intrinsic(as_f32),
     }
     for name, fn in built.items():
         fn.__doc__ = _EMULATED[name].__doc__  # the instruction and its layout, stated once
@@ -450,8 +518,29 @@ _EMULATED = {
     "cp_async_commit": emulated_cp_async_commit,
     "cp_async_wait_all": emulated_cp_async_wait_all,
     "ex2": emulated_ex2,
+    "ld_global_v4": emulated_ld_global_v4,
+    "unpack_f16x2": emulated_unpack_f16x2,
+    "as_f32": emulated_as_f32,
 }
-_IMPL = _intrinsics() if device.MODE == "gpu" else _EMULATED
+
+
+def for_target(target: str) -> dict:
+    """Every instruction by name, as a kernel compiled for ``target`` calls it: ``"gpu"``, the inline-PTX
+    intrinsics (built once; needs numba's CUDA target, so a GPU); ``"sim"``, the emulations (any
+    machine, also on a GPU machine when a kernel runs in the simulator, as the traffic counter does)."""
+    if target == "sim":
+        return _EMULATED
+    if target != "gpu":
+        raise ValueError(f"target: got {target!r}; use 'gpu' or 'sim'")
+    return _built()
+
+
+@cache
+def _built() -> dict:
+    return _intrinsics()
+
+
+_IMPL = for_target("gpu" if device.MODE == "gpu" else "sim")
 
 # the names kernels call: inline PTX on a GPU, the emulation above in the simulator
 mma_bf16 = _IMPL["mma_bf16"]
@@ -465,105 +554,10 @@ cp_async16 = _IMPL["cp_async16"]
 cp_async_commit = _IMPL["cp_async_commit"]
 cp_async_wait_all = _IMPL["cp_async_wait_all"]
 ex2 = _IMPL["ex2"]
+ld_global_v4 = _IMPL["ld_global_v4"]
+unpack_f16x2 = _IMPL["unpack_f16x2"]
+as_f32 = _IMPL["as_f32"]
 
 #: per input dtype: the mma and the pack a kernel uses
 MMA = {"bfloat16": mma_bf16, "float16": mma_f16}
 PACK = {"bfloat16": pack_bf16x2, "float16": pack_f16x2}
-
-
-# --------------------------------------------------------------------------------------------------
-# 16-byte global loads and their unpacking (the split-KV decode kernel, flashlab.cuda.decode)
-# --------------------------------------------------------------------------------------------------
-# numba emits one scalar load per element; one ``LDG.E.128`` per lane moves 16 bytes, so a warp reads
-# 512 bytes per instruction. The loaded words are then reinterpreted: two fp16 halves, or one float32.
-
-_ZERO_WORDS = (np.uint32(0),) * 4
-
-
-def emulated_ld_global_v4(arr, i0, i1, i2, valid):
-    """``@p ld.global.nc.v4.u32``: the 16 bytes that start at element ``arr[i0, i1, i2]`` of a 3-d
-    float32 or float16 global array (4 or 8 elements of its last axis, 16-byte aligned) as four
-    uint32 words, the first element in the low bytes of word 0; four zeros, and no access, where
-    ``valid`` is false. Through the read-only (non-coherent) cache: ``arr`` must not be written by the
-    kernel."""
-    if not valid:
-        return _ZERO_WORDS
-    first = arr[i0, i1, i2]  # element by element, so a counting array counts each element once
-    elements = [first] + [arr[i0, i1, i2 + e] for e in range(1, 16 // first.itemsize)]
-    return tuple(np.array(elements).view(np.uint32))
-
-
-def emulated_unpack_f16x2(word):
-    """``mov.b32 {lo, hi}, word; cvt.f32.f16``: the two fp16 halves of ``word`` as float32 (exact),
-    the low half (the element with the smaller index) first."""
-    lo, hi = from_bits(np.array(_halves(word), np.uint16), "float16")
-    return np.float32(lo), np.float32(hi)
-
-
-def emulated_as_f32(word):
-    """The bits of the 32-bit ``word`` as a float32 (a bit cast, no instruction)."""
-    return np.uint32(word).view(np.float32)
-
-
-LOAD_PTX = {
-    "ld_global_v4": "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
-    "mov.b32 $3, 0; @p ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4]; }",
-    "unpack_f16x2": "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }",
-}
-
-
-def _load_intrinsics() -> dict:
-    """The GPU side of this section (imports numba's CUDA target: GPU mode only)."""
-    from llvmlite import ir
-    from numba.cuda import cgutils, types
-    from numba.cuda.extending import intrinsic
-
-    i32, f32 = ir.IntType(32), ir.FloatType()
-
-    def ld_global_v4(typingctx, arr, i0, i1, i2, valid):
-        sig = types.UniTuple(types.uint32, 4)(arr, types.intp, types.intp, types.intp, types.boolean)
-
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, args[1:4], wraparound=False)
-            ops = [builder.ptrtoint(ptr, ir.IntType(64)), builder.zext(args[4], i32)]
-            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [x.type for x in ops])
-            res = builder.call(ir.InlineAsm(fnty, LOAD_PTX["ld_global_v4"], "=r,=r,=r,=r,l,r"), ops)
-            words = [builder.extract_value(res, w) for w in range(4)]
-            return context.make_tuple(builder, sig.return_type, words)
-
-        return sig, codegen
-
-    def unpack_f16x2(typingctx, word):
-        sig = types.UniTuple(types.float32, 2)(types.uint32)
-
-        def codegen(context, builder, sig, args):
-            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 2), [i32])
-            res = builder.call(ir.InlineAsm(fnty, LOAD_PTX["unpack_f16x2"], "=f,=f,r"), args)
-            halves = [builder.extract_value(res, h) for h in range(2)]
-            return context.make_tuple(builder, sig.return_type, halves)
-
-        return sig, codegen
-
-    def as_f32(typingctx, word):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], f32)
-
-        return types.float32(types.uint32), codegen
-
-    built = {"ld_global_v4": ld_global_v4, "unpack_f16x2": unpack_f16x2, "as_f32": as_f32}
-    built = {name: intrinsic(fn) for name, fn in built.items()}
-    for name, fn in built.items():
-        fn.__doc__ = _LOAD_EMULATED[name].__doc__
-    return built
-
-
-_LOAD_EMULATED = {
-    "ld_global_v4": emulated_ld_global_v4,
-    "unpack_f16x2": emulated_unpack_f16x2,
-    "as_f32": emulated_as_f32,
-}
-_LOAD = _load_intrinsics() if device.MODE == "gpu" else _LOAD_EMULATED
-ld_global_v4 = _LOAD["ld_global_v4"]
-unpack_f16x2 = _LOAD["unpack_f16x2"]
-as_f32 = _LOAD["as_f32"]
