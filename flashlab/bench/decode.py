@@ -9,17 +9,13 @@ batches ``--batch``, head dims ``--d``, cache stored float32 or float16 (``--kv-
   ``scaled_dot_product_attention`` pinned to one backend, on the same values with q, k, v all in
   the cache dtype (torch takes one dtype); a backend that refuses a dtype gets a ``note``.
 
-Timing on a GPU: each implementation's call is captured once in a CUDA graph and the graph is
-replayed, so that the GPU's work is timed and not Python's launch overhead (two numba launches
-cost far more host time than one torch call; at short caches that host time, not the kernels,
-would set the time); a call that cannot be captured is timed as launched (column ``timing``).
-Before each replay a buffer larger than the L2 cache is zeroed (so the cache is read from HBM);
-CUDA events around the replay, the median of ``--repeat``. ``kv_bytes`` = bytes of K and V;
-``bound_ms`` = kv_bytes / HBM bandwidth (data/hardware.json); ``hbm_fraction`` = bound_ms / ms.
-``max_abs_err`` is against float64 attention of the first two heads of the first sequence,
-``err_bound`` the derived bound (:func:`flashlab.tolerance.attention_bound`) in float32;
-for torch's float16 rows :func:`flashlab.precision.tensor_core_bound` (16-bit inputs and P,
-float32 sums).
+Timing on a GPU: before each call a buffer larger than the L2 cache is zeroed (so the cache is
+read from HBM, and the CPU's launch work hides behind that write), CUDA events around the call,
+the median of ``--repeat``. ``kv_bytes`` = bytes of K and V; ``bound_ms`` = kv_bytes / HBM
+bandwidth (data/hardware.json); ``hbm_fraction`` = bound_ms / ms. ``max_abs_err`` is against
+float64 attention of the first two heads of the first sequence, ``err_bound`` the derived bound
+(:func:`flashlab.tolerance.attention_bound`) in float32; for torch's float16 rows
+:func:`flashlab.precision.tensor_core_bound` (16-bit inputs and P, float32 sums).
 Without a GPU the same rows run on the CPU (kernels in the simulator, wall-clock time): that
 only checks the command at tiny sizes.
 """
@@ -49,10 +45,8 @@ REF_HEADS = 2
 L2_FLUSH_BYTES = 256 * 2**20  # more than the H200's 50 MB L2 cache
 
 
-def time_ms(fn, repeat: int, warmup: int) -> tuple[float, str]:
-    """Median milliseconds of ``fn()`` and how it was timed: on a GPU by CUDA events around replays
-    of a CUDA graph of ``fn`` (``"graph"``; ``"launch"`` where ``fn`` cannot be captured), each after
-    an L2 flush; else wall clock (``"wall clock"``)."""
+def time_ms(fn, repeat: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()``: on a GPU by CUDA events after an L2 flush, else wall clock."""
     import torch
 
     for _ in range(warmup):
@@ -63,27 +57,18 @@ def time_ms(fn, repeat: int, warmup: int) -> tuple[float, str]:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), "wall clock"
-    torch.cuda.synchronize()
-    call, how = fn, "launch"
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            fn()
-        call, how = graph.replay, "graph"
-    except Exception:  # noqa: BLE001 (any capture failure: time the plain launch instead)
-        torch.cuda.synchronize()
+        return statistics.median(times)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     events = []
     for _ in range(repeat):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        call()
+        fn()
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events), how
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def _flashlab(q, k, v, *, threads=None, unroll=None, splits=None):
@@ -109,9 +94,8 @@ def _flashlab(q, k, v, *, threads=None, unroll=None, splits=None):
     arrays = [cuda.as_cuda_array(x) if device.MODE == "gpu" else x.numpy() for x in tensors]
     args = decode.args_for(*arrays, 1.0 / math.sqrt(d))
 
-    def run():  # on torch's current stream: the one a CUDA graph captures
-        handle = torch.cuda.current_stream().cuda_stream if device.MODE == "gpu" else 0
-        decode.run(first, combine, args, stream=cuda.external_stream(handle) if handle else 0)
+    def run():
+        decode.run(first, combine, args)
         return tensors[3].reshape(batch, heads, rows, d)
 
     return run, splits
@@ -159,9 +143,8 @@ def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float) 
             bound = attention_bound(*first, dtype="float32").atol
         else:
             bound = tensor_core_bound(*first, kv_dtype).atol
-        ms, how = time_ms(run, repeat, warmup)
+        ms = time_ms(run, repeat, warmup)
         out |= {"ms": ms, "gb_per_s": kv_bytes / ms / 1e6, "hbm_fraction": kv_bytes / bandwidth * 1e3 / ms}
-        out |= {"timing": how}
         out |= {
             "splits": splits,
             "max_abs_err": float(np.max(np.abs(o - ref))),
@@ -246,12 +229,7 @@ def main(argv: list[str]) -> int:
         "heads": args.heads,
         "bandwidth_bytes_per_s": bandwidth,
         "timing": f"L2 flushed ({L2_FLUSH_BYTES} B zeroed) before each call; median of {args.repeat} "
-        + (
-            "CUDA-event timings of CUDA-graph replays (column timing: graph, or launch where a call "
-            "could not be captured)"
-            if device.MODE == "gpu"
-            else "wall-clock timings (CPU, not a measurement)"
-        ),
+        + ("CUDA-event timings" if device.MODE == "gpu" else "wall-clock timings (CPU, not a measurement)"),
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     path = write_results(args.out, rows, meta, args.dir)
