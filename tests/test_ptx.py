@@ -216,3 +216,9 @@ def test_ld_global_v4_words_are_the_bytes_in_memory_order():
     words = ptx.emulated_ld_global_v4(arr, 0, 1, 0, True)
     assert np.array_equal(np.array(words, np.uint32), arr[0, 1].view(np.uint32))
     assert ptx.emulated_unpack_f16x2(words[0]) == (8.0, 9.0)  # the low half is the first element
+
+
+def test_for_target_gives_emulations_in_the_simulator_and_refuses_other_targets():
+    assert ptx.for_target("sim")["ex2"] is ptx.emulated_ex2
+    with pytest.raises(ValueError, match="target: got 'cpu'"):
+        ptx.for_target("cpu")
