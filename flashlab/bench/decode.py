@@ -11,9 +11,13 @@ batches ``--batch``, head dims ``--d``, cache stored float32 or float16 (``--kv-
 
 Timing on a GPU: before each call a buffer larger than the L2 cache is zeroed (so the cache is
 read from HBM, and the CPU's launch work hides behind that write), CUDA events around the call,
-the median of ``--repeat``. ``kv_bytes`` = bytes of K and V; ``bound_ms`` = kv_bytes / HBM
-bandwidth (data/hardware.json); ``hbm_fraction`` = bound_ms / ms. ``max_abs_err`` is against
-float64 attention of the first two heads of the first sequence, ``err_bound`` the derived bound
+the median of ``--repeat``. With ``--graph`` each call is captured once in a CUDA graph and the
+replays are timed instead, so that the GPU's work is timed and not Python's launch overhead (two
+numba launches cost more host time than one torch call: at short caches that host time can set
+the time); a call that cannot be captured is timed as launched (column ``timing``).
+``kv_bytes`` = bytes of K and V; ``bound_ms`` = kv_bytes / HBM bandwidth (data/hardware.json);
+``hbm_fraction`` = bound_ms / ms. ``max_abs_err`` is against float64 attention of the first two
+heads of the first sequence, ``err_bound`` the derived bound
 (:func:`flashlab.tolerance.attention_bound`) in float32; for torch's float16 rows
 :func:`flashlab.precision.tensor_core_bound` (16-bit inputs and P, float32 sums).
 Without a GPU the same rows run on the CPU (kernels in the simulator, wall-clock time): that
@@ -45,8 +49,10 @@ REF_HEADS = 2
 L2_FLUSH_BYTES = 256 * 2**20  # more than the H200's 50 MB L2 cache
 
 
-def time_ms(fn, repeat: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()``: on a GPU by CUDA events after an L2 flush, else wall clock."""
+def time_ms(fn, repeat: int, warmup: int, graph: bool = False) -> tuple[float, str]:
+    """Median milliseconds of ``fn()`` and how it was timed: on a GPU by CUDA events, each call after
+    an L2 flush, around ``fn()`` (``"launch"``) or, with ``graph``, around replays of a CUDA graph of
+    ``fn`` (``"graph"``; ``"launch"`` where ``fn`` cannot be captured); else wall clock."""
     import torch
 
     for _ in range(warmup):
@@ -57,18 +63,28 @@ def time_ms(fn, repeat: int, warmup: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return statistics.median(times), "wall clock"
+    torch.cuda.synchronize()
+    call, how = fn, "launch"
+    if graph:
+        try:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured, capture_error_mode="thread_local"):
+                fn()
+            call, how = captured.replay, "graph"
+        except Exception:  # noqa: BLE001 (any capture failure: time the plain launch instead)
+            torch.cuda.synchronize()
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     events = []
     for _ in range(repeat):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        call()
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return statistics.median(s.elapsed_time(e) for s, e in events), how
 
 
 def _flashlab(q, k, v, *, threads=None, unroll=None, splits=None):
@@ -94,8 +110,9 @@ def _flashlab(q, k, v, *, threads=None, unroll=None, splits=None):
     arrays = [cuda.as_cuda_array(x) if device.MODE == "gpu" else x.numpy() for x in tensors]
     args = decode.args_for(*arrays, 1.0 / math.sqrt(d))
 
-    def run():
-        decode.run(first, combine, args)
+    def run():  # on torch's current stream: the one a CUDA graph captures
+        handle = torch.cuda.current_stream().cuda_stream if device.MODE == "gpu" else 0
+        decode.run(first, combine, args, stream=cuda.external_stream(handle) if handle else 0)
         return tensors[3].reshape(batch, heads, rows, d)
 
     return run, splits
@@ -121,7 +138,7 @@ def _sdpa(backend: str):
 RUNNERS = {"flashlab_decode": _flashlab} | {impl: _sdpa(be) for impl, be in BACKENDS.items()}
 
 
-def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float) -> dict:
+def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float, graph: bool = False) -> dict:
     """Time and check one implementation on one input; failures become a ``note``."""
     import torch
 
@@ -143,8 +160,9 @@ def row(impl: str, q, k, v, ref, *, repeat: int, warmup: int, bandwidth: float) 
             bound = attention_bound(*first, dtype="float32").atol
         else:
             bound = tensor_core_bound(*first, kv_dtype).atol
-        ms = time_ms(run, repeat, warmup)
+        ms, how = time_ms(run, repeat, warmup, graph)
         out |= {"ms": ms, "gb_per_s": kv_bytes / ms / 1e6, "hbm_fraction": kv_bytes / bandwidth * 1e3 / ms}
+        out |= {"timing": how} if graph else {}
         out |= {
             "splits": splits,
             "max_abs_err": float(np.max(np.abs(o - ref))),
@@ -175,6 +193,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget", type=float, default=500.0, help="seconds; later rows are skipped past it")
     p.add_argument("--out", default="gpu_h200_decode", help="results go to <dir>/<out>.csv")
+    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     p.add_argument("--dir", default=None, help="folder for the results (default: the project's data/)")
     return p.parse_args(argv)
 
@@ -219,6 +238,7 @@ def main(argv: list[str]) -> int:
                                 repeat=args.repeat,
                                 warmup=args.warmup,
                                 bandwidth=bandwidth,
+                                graph=args.graph,
                             )
                         )
                         print(_line(rows[-1]), flush=True)
@@ -229,7 +249,14 @@ def main(argv: list[str]) -> int:
         "heads": args.heads,
         "bandwidth_bytes_per_s": bandwidth,
         "timing": f"L2 flushed ({L2_FLUSH_BYTES} B zeroed) before each call; median of {args.repeat} "
-        + ("CUDA-event timings" if device.MODE == "gpu" else "wall-clock timings (CPU, not a measurement)"),
+        + (
+            "wall-clock timings (CPU, not a measurement)"
+            if device.MODE != "gpu"
+            else "CUDA-event timings of CUDA-graph replays (column timing: graph, or launch where a call "
+            "could not be captured)"
+            if args.graph
+            else "CUDA-event timings"
+        ),
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     path = write_results(args.out, rows, meta, args.dir)

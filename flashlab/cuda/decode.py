@@ -288,13 +288,14 @@ def specs(
     )
 
 
-def run(first: KernelSpec, combine: KernelSpec, args: dict, *, make=None) -> None:
-    """Launch both kernels with the named ``args`` (:data:`PARAMS` and :data:`COMBINE_PARAMS`)."""
+def run(first: KernelSpec, combine: KernelSpec, args: dict, *, make=None, stream=0) -> None:
+    """Launch both kernels with the named ``args`` (:data:`PARAMS` and :data:`COMBINE_PARAMS`), one
+    after the other on ``stream`` (GPU)."""
     from flashlab.cuda import launch
 
-    launch.run(first, args, make=make)
+    launch.run(first, args, make=make, stream=stream)
     summary = launch.last_run
-    launch.run(combine, args, make=make)
+    launch.run(combine, args, make=make, stream=stream)
     launch.last_run = f"{summary}; then {launch.last_run}"
 
 

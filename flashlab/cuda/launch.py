@@ -76,16 +76,17 @@ def compiled(spec: KernelSpec):
     return _compiled(spec.source, spec.signature, spec.launch_bounds, spec.shared_bytes)
 
 
-def run(spec: KernelSpec, args: Mapping, *, make=None):
-    """Launch ``spec`` with ``args`` (its ``params`` by name). ``make`` (simulator only) wraps each
-    shared array, as the traffic counter does. Returns the blocks' shared memory when simulated."""
+def run(spec: KernelSpec, args: Mapping, *, make=None, stream=0):
+    """Launch ``spec`` with ``args`` (its ``params`` by name), on ``stream`` on a GPU (a numba stream;
+    default the default stream). ``make`` (simulator only) wraps each shared array, as the traffic
+    counter does. Returns the blocks' shared memory when simulated."""
     global last_run
     grid = spec.grid(args)
     values = tuple(args[name] for name in spec.params)
     blocks = None
     if math.prod(grid):
         if spec.target == "gpu":
-            compiled(spec)[grid, spec.block, 0, spec.shared_bytes](*values)
+            compiled(spec)[grid, spec.block, stream, spec.shared_bytes](*values)
         else:
             blocks = _numba.simulate(spec.source, grid, spec.block, values, spec.shared_bytes, make)
     where = "GPU" if spec.target == "gpu" else "simulator"
