@@ -132,8 +132,8 @@ def test_fragments_refuse_a_wrong_shape():
 
 
 def _cp_async_kernel(src, out, n_rows):
-    """Each lane copies one 16-byte chunk of ``src[0]`` (rows past ``n_rows``: zero-fill) to shared
-    memory, waits, and the block reads the tile back after a barrier."""
+    """Each lane copies one 16-byte chunk of ``src`` (8 rows of 16 words, flat; rows past ``n_rows``:
+    zero-fill) to shared memory, waits, and the block reads the tile back after a barrier."""
     lane = cuda.threadIdx.x
     sm = cuda.shared.array((8, 16), uint32, alignment=16)
     r, w = lane // 4, (lane % 4) * 4

@@ -354,6 +354,7 @@ PTX = {
 }
 
 
+@cache
 def _intrinsics() -> dict:
     """Build the numba intrinsics (imports numba's CUDA target: GPU mode only)."""
     from llvmlite import ir
@@ -366,17 +367,18 @@ def _intrinsics() -> dict:
         fnty = ir.FunctionType(ret, [a.type for a in args])
         return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
 
-    def pointer(context, builder, aryty, ary, indices):
+    def element(context, builder, aryty, ary, indices):
         ary = context.make_array(aryty)(context, builder, ary)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
-        return builder.ptrtoint(ptr, ir.IntType(64))
+        return cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
+
+    def pointer(context, builder, aryty, ary, indices):
+        return builder.ptrtoint(element(context, builder, aryty, ary, indices), ir.IntType(64))
 
     def shared_address(context, builder, aryty, ary, indices):
         """The 32-bit shared-memory address of an element of a shared array: the generic pointer cast
         back to the shared address space, so that the index arithmetic stays 32-bit and needs no
         ``cvta`` per instruction."""
-        ary = context.make_array(aryty)(context, builder, ary)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
+        ptr = element(context, builder, aryty, ary, indices)
         return builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3)), i32)
 
     def four(context, builder, sig, res):
@@ -461,10 +463,8 @@ def _intrinsics() -> dict:
 
         def codegen(context, builder, sig, args):
             ops = [pointer(context, builder, sig.args[0], args[0], args[1:4]), builder.zext(args[4], i32)]
-            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [x.type for x in ops])
-            res = builder.call(ir.InlineAsm(fnty, PTX["ld_global_v4"], "=r,=r,=r,=r,l,r"), ops)
-            words = [builder.extract_value(res, w) for w in range(4)]
-            return context.make_tuple(builder, sig.return_type, words)
+            ret = ir.LiteralStructType([i32] * 4)
+            return four(context, builder, sig, asm(builder, ret, ops, PTX["ld_global_v4"], "=r,=r,=r,=r,l,r"))
 
         return sig, codegen
 
@@ -472,8 +472,7 @@ def _intrinsics() -> dict:
         sig = types.UniTuple(types.float32, 2)(types.uint32)
 
         def codegen(context, builder, sig, args):
-            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 2), [i32])
-            res = builder.call(ir.InlineAsm(fnty, PTX["unpack_f16x2"], "=f,=f,r"), args)
+            res = asm(builder, ir.LiteralStructType([f32] * 2), args, PTX["unpack_f16x2"], "=f,=f,r")
             halves = [builder.extract_value(res, h) for h in range(2)]
             return context.make_tuple(builder, sig.return_type, halves)
 
@@ -532,11 +531,6 @@ def for_target(target: str) -> dict:
         return _EMULATED
     if target != "gpu":
         raise ValueError(f"target: got {target!r}; use 'gpu' or 'sim'")
-    return _built()
-
-
-@cache
-def _built() -> dict:
     return _intrinsics()
 
 
