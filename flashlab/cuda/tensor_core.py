@@ -1,6 +1,7 @@
 """FlashAttention-2 forward on tensor cores: Q K^T and P V by ``mma.sync`` m16n8k16, bf16 or fp16 in.
 
-A block of 4 warps owns 64 query rows of one head (16 per warp, the M of one mma) and walks over
+A block of 4 warps owns 64 or 128 query rows of one head (16 or 32 per warp: one or two m-tiles,
+the M of one mma, :data:`M_TILES`) and walks over
 tiles of K and V (64 keys at d = 64, 32 at d = 128: :data:`TILE_KEYS`) staged in shared memory
 (the paper's SRAM). The staging is asynchronous and double-buffered: while the warps compute tile
 ``j`` from one buffer, ``cp.async`` copies tile ``j + 1`` from global memory into the other, 16
@@ -35,7 +36,8 @@ from flashlab.precision import DTYPES16, from_bits, to_bits
 
 HEAD_DIMS = (64, 128)
 WARPS = 4
-ROWS = 16 * WARPS  # query rows per block
+#: 16-row m-tiles per warp, per head dim (a block owns ``16 WARPS M_TILES`` query rows)
+M_TILES = {64: 2, 128: 1}
 #: keys per K/V tile, per head dim: two tiles of K and two of V fit the 48 KiB of static shared memory
 TILE_KEYS = {64: 64, 128: 32}
 PAD = 8  # 16-bit elements of padding per shared row: 16-byte aligned rows, no bank conflicts
@@ -47,57 +49,64 @@ ONE = np.float32(1.0)
 
 
 @cache
-def kernel_source(d: int, causal: bool, dtype: str):
-    """The kernel for head dim ``d``, ``causal`` or not, inputs in ``dtype`` (bf16 or fp16)."""
+def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
+    """The kernel for head dim ``d``, ``causal`` or not, inputs in ``dtype`` (bf16 or fp16), each warp
+    owning ``m_tiles`` 16-row m-tiles (default :data:`M_TILES`): every K or V fragment loaded from
+    shared memory then feeds ``m_tiles`` independent mmas."""
     if d not in HEAD_DIMS:
         raise ValueError(f"d: the tensor-core kernel supports head dims {HEAD_DIMS}, got {d}")
     if dtype not in DTYPES16:
         raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
+    MT = M_TILES[d] if m_tiles is None else m_tiles
+    if MT not in (1, 2):
+        raise ValueError(f"m_tiles: 1 or 2 16-row m-tiles per warp, got {m_tiles}")
     mma, pack = ptx.MMA[dtype], ptx.PACK[dtype]
     ldsm, ldsm_t, shfl, ex2 = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor, ptx.ex2
     cp_async, cp_commit, cp_wait = ptx.cp_async16, ptx.cp_async_commit, ptx.cp_async_wait_all
     KEYS = TILE_KEYS[d]
     BUFFERED = 2 * KEYS  # rows of the two shared tiles (a constant: numba types the shape at compile time)
     W, SW, CH = d // 2, (d + PAD) // 2, d // 8  # words per row in global and shared memory; 16-byte chunks
-    KS, NS, NO, PK = (
-        d // 16,
-        KEYS // 8,
-        d // 8,
-        KEYS // 16,
-    )  # k-steps of QK^T, S n-tiles, O n-tiles, PV k-steps
+    # k-steps of QK^T, S n-tiles, O n-tiles, PV k-steps
+    KS, NS, NO, PK = d // 16, KEYS // 8, d // 8, KEYS // 16
     THREADS = 32 * WARPS
+    BLOCK_ROWS = WARPS * 16 * MT
     COPIES, ROW_STEP = KEYS * CH // THREADS, THREADS // CH  # chunks per thread per tile; rows apart
 
     def flash_tc(q, k, v, o, lse, n_q, n_k, scale, offset):
         bh = cuda.blockIdx.y
+        # causal: the last query blocks see the most keys; they start first, so no SM idles at the end
+        rb = cuda.gridDim.x - 1 - cuda.blockIdx.x if causal else cuda.blockIdx.x
         tid = cuda.threadIdx.x
         lane = tid & 31
         g = lane >> 2
         t = lane & 3
-        r0 = cuda.blockIdx.x * ROWS + (tid >> 5) * 16  # this warp's first query row
-        row0 = r0 + g  # this lane's two rows: row0 and row0 + 8
+        r0 = rb * BLOCK_ROWS + (tid >> 5) * 16 * MT  # this warp's first query row
+        row0 = r0 + g  # this lane's rows in m-tile i: row0 + 16 i and row0 + 16 i + 8
         r_copy, w_copy = tid // CH, (tid % CH) * 4  # the first tile row and word this thread copies
         kv_row = bh * n_k  # k, v are flat: row j of head bh starts at word (bh N_k + j) W
         ks = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # two tiles: one computed,
         vs = cuda.shared.array((BUFFERED, SW), uint32, alignment=16)  # the next one in flight
-        qf = cuda.local.array((KS, 4), uint32)
-        s = cuda.local.array((NS, 4), float32)
-        acc = cuda.local.array((NO, 4), float32)
-        for kk in range(KS):  # Q's A fragments, kept in registers for the whole block
-            c0 = kk * 8 + t
-            qf[kk, 0] = q[bh, row0, c0] if row0 < n_q else uint32(0)
-            qf[kk, 1] = q[bh, row0 + 8, c0] if row0 + 8 < n_q else uint32(0)
-            qf[kk, 2] = q[bh, row0, c0 + 4] if row0 < n_q else uint32(0)
-            qf[kk, 3] = q[bh, row0 + 8, c0 + 4] if row0 + 8 < n_q else uint32(0)
-        for n in range(NO):
-            for i in range(4):
-                acc[n, i] = ZERO
-        m0 = NEG_INF
-        m1 = NEG_INF
-        l0 = ZERO
-        l1 = ZERO
+        qf = cuda.local.array((MT, KS, 4), uint32)
+        s = cuda.local.array((MT, NS, 4), float32)
+        acc = cuda.local.array((MT, NO, 4), float32)
+        m = cuda.local.array((MT, 2), float32)  # per m-tile, the lane's rows g and g + 8
+        l = cuda.local.array((MT, 2), float32)  # noqa: E741 (the paper's name)
+        for i in range(MT):
+            for kk in range(KS):  # Q's A fragments, kept in registers for the whole block
+                c0 = kk * 8 + t
+                ra, rb8 = row0 + 16 * i, row0 + 16 * i + 8
+                qf[i, kk, 0] = q[bh, ra, c0] if ra < n_q else uint32(0)
+                qf[i, kk, 1] = q[bh, rb8, c0] if rb8 < n_q else uint32(0)
+                qf[i, kk, 2] = q[bh, ra, c0 + 4] if ra < n_q else uint32(0)
+                qf[i, kk, 3] = q[bh, rb8, c0 + 4] if rb8 < n_q else uint32(0)
+            for n in range(NO):
+                for e in range(4):
+                    acc[i, n, e] = ZERO
+            for h in range(2):
+                m[i, h] = NEG_INF
+                l[i, h] = ZERO
         c = scale * LOG2E  # exp(scale x) = exp2(c x)
-        block_last = min(cuda.blockIdx.x * ROWS + ROWS, n_q) - 1
+        block_last = min(rb * BLOCK_ROWS + BLOCK_ROWS, n_q) - 1
         n_keys = min(n_k, block_last + offset + 1) if causal else n_k
         n_tiles = (n_keys + KEYS - 1) // KEYS
         for it in range(n_tiles + 1):  # iteration it: copy tile it, compute tile it - 1
@@ -121,156 +130,162 @@ def kernel_source(d: int, causal: bool, dtype: str):
             kb = ((it - 1) & 1) * KEYS  # the buffer holding tile it - 1
             # S = Q K^T (Algorithm 1 line 9 / FA2 line 8), 8 keys per mma column block
             for n in range(NS):
-                s[n, 0] = ZERO
-                s[n, 1] = ZERO
-                s[n, 2] = ZERO
-                s[n, 3] = ZERO
-                for kk in range(0, KS, 2):  # one ldmatrix.x4 feeds two k-steps
+                for i in range(MT):
+                    for e in range(4):
+                        s[i, n, e] = ZERO
+                for kk in range(0, KS, 2):  # one ldmatrix.x4 feeds two k-steps of every m-tile
                     b0, b1, b2, b3 = ldsm(ks, kb + n * 8 + (lane & 7), kk * 8 + (lane >> 3) * 4)
-                    e = mma(
-                        qf[kk, 0], qf[kk, 1], qf[kk, 2], qf[kk, 3], b0, b1, s[n, 0], s[n, 1], s[n, 2], s[n, 3]
-                    )
-                    e = mma(
-                        qf[kk + 1, 0],
-                        qf[kk + 1, 1],
-                        qf[kk + 1, 2],
-                        qf[kk + 1, 3],
-                        b2,
-                        b3,
-                        e[0],
-                        e[1],
-                        e[2],
-                        e[3],
-                    )
-                    s[n, 0] = e[0]
-                    s[n, 1] = e[1]
-                    s[n, 2] = e[2]
-                    s[n, 3] = e[3]
-            # mask (tail keys, causal), row max over this lane's 16 keys then its 4-lane group
-            masked = j0 + KEYS > n_k or (causal and j0 + KEYS - 1 > r0 + offset)
-            x0 = NEG_INF
-            x1 = NEG_INF
-            for n in range(NS):
-                if masked:
-                    for i in range(4):
-                        key = j0 + n * 8 + 2 * t + (i & 1)
-                        if key >= n_k or (causal and key > row0 + 8 * (i >> 1) + offset):
-                            s[n, i] = NEG_INF
-                x0 = max(x0, max(s[n, 0], s[n, 1]))
-                x1 = max(x1, max(s[n, 2], s[n, 3]))
-            x0 = max(x0, shfl(x0, 1))
-            x0 = max(x0, shfl(x0, 2))
-            x1 = max(x1, shfl(x1, 1))
-            x1 = max(x1, shfl(x1, 2))
-            mn0 = max(m0, x0)
-            mn1 = max(m1, x1)
-            # m is kept in units of S; exp(scale (S - m)) = exp2(S c - m c), one FMA and one ex2
-            base0 = mn0 * c if mn0 != NEG_INF else ZERO  # a row with no key yet: exp2(-inf - 0) = 0
-            base1 = mn1 * c if mn1 != NEG_INF else ZERO
-            alpha0 = ex2(m0 * c - base0)
-            alpha1 = ex2(m1 * c - base1)
-            m0 = mn0
-            m1 = mn1
-            l0 *= alpha0
-            l1 *= alpha1
-            for n in range(NS):  # P = exp(scale S - m) (FA2 line 9), row sums from the float32 values
-                s[n, 0] = ex2(s[n, 0] * c - base0)
-                s[n, 1] = ex2(s[n, 1] * c - base0)
-                s[n, 2] = ex2(s[n, 2] * c - base1)
-                s[n, 3] = ex2(s[n, 3] * c - base1)
-                l0 += s[n, 0] + s[n, 1]
-                l1 += s[n, 2] + s[n, 3]
-            for n in range(NO):
-                acc[n, 0] *= alpha0
-                acc[n, 1] *= alpha0
-                acc[n, 2] *= alpha1
-                acc[n, 3] *= alpha1
+                    for i in range(MT):
+                        e = mma(
+                            qf[i, kk, 0], qf[i, kk, 1], qf[i, kk, 2], qf[i, kk, 3], b0, b1,
+                            s[i, n, 0], s[i, n, 1], s[i, n, 2], s[i, n, 3],
+                        )  # fmt: skip
+                        e = mma(
+                            qf[i, kk + 1, 0], qf[i, kk + 1, 1], qf[i, kk + 1, 2], qf[i, kk + 1, 3], b2, b3,
+                            e[0], e[1], e[2], e[3],
+                        )  # fmt: skip
+                        for h in range(4):
+                            s[i, n, h] = e[h]
+            for i in range(MT):
+                # mask (tail keys, causal), row max over this lane's keys then its 4-lane group
+                ri = row0 + 16 * i
+                masked = j0 + KEYS > n_k or (causal and j0 + KEYS - 1 > r0 + 16 * i + offset)
+                x0 = NEG_INF
+                x1 = NEG_INF
+                for n in range(NS):
+                    if masked:
+                        for e in range(4):
+                            key = j0 + n * 8 + 2 * t + (e & 1)
+                            if key >= n_k or (causal and key > ri + 8 * (e >> 1) + offset):
+                                s[i, n, e] = NEG_INF
+                    x0 = max(x0, max(s[i, n, 0], s[i, n, 1]))
+                    x1 = max(x1, max(s[i, n, 2], s[i, n, 3]))
+                x0 = max(x0, shfl(x0, 1))
+                x0 = max(x0, shfl(x0, 2))
+                x1 = max(x1, shfl(x1, 1))
+                x1 = max(x1, shfl(x1, 2))
+                mn0 = max(m[i, 0], x0)
+                mn1 = max(m[i, 1], x1)
+                # m is kept in units of S; exp(scale (S - m)) = exp2(S c - m c), one FMA and one ex2
+                base0 = mn0 * c if mn0 != NEG_INF else ZERO  # a row with no key yet: exp2(-inf - 0) = 0
+                base1 = mn1 * c if mn1 != NEG_INF else ZERO
+                alpha0 = ex2(m[i, 0] * c - base0)
+                alpha1 = ex2(m[i, 1] * c - base1)
+                m[i, 0] = mn0
+                m[i, 1] = mn1
+                l0 = l[i, 0] * alpha0
+                l1 = l[i, 1] * alpha1
+                for n in range(NS):  # P = exp(scale S - m) (FA2 line 9), row sums from the float32 values
+                    s[i, n, 0] = ex2(s[i, n, 0] * c - base0)
+                    s[i, n, 1] = ex2(s[i, n, 1] * c - base0)
+                    s[i, n, 2] = ex2(s[i, n, 2] * c - base1)
+                    s[i, n, 3] = ex2(s[i, n, 3] * c - base1)
+                    l0 += s[i, n, 0] + s[i, n, 1]
+                    l1 += s[i, n, 2] + s[i, n, 3]
+                l[i, 0] = l0
+                l[i, 1] = l1
+                for n in range(NO):
+                    acc[i, n, 0] *= alpha0
+                    acc[i, n, 1] *= alpha0
+                    acc[i, n, 2] *= alpha1
+                    acc[i, n, 3] *= alpha1
             # O += P V (FA2 line 10): P rounded to 16 bits, S's C fragments are P's A fragments
             for kk in range(PK):
-                a0 = pack(s[2 * kk, 0], s[2 * kk, 1])
-                a1 = pack(s[2 * kk, 2], s[2 * kk, 3])
-                a2 = pack(s[2 * kk + 1, 0], s[2 * kk + 1, 1])
-                a3 = pack(s[2 * kk + 1, 2], s[2 * kk + 1, 3])
                 for n in range(0, NO, 2):  # one ldmatrix.x4.trans feeds two 8-column blocks of O
                     jm = lane >> 3
                     b0, b1, b2, b3 = ldsm_t(
                         vs, kb + kk * 16 + (jm & 1) * 8 + (lane & 7), n * 4 + (jm >> 1) * 4
                     )
-                    e = mma(a0, a1, a2, a3, b0, b1, acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
-                    acc[n, 0] = e[0]
-                    acc[n, 1] = e[1]
-                    acc[n, 2] = e[2]
-                    acc[n, 3] = e[3]
-                    e = mma(
-                        a0, a1, a2, a3, b2, b3, acc[n + 1, 0], acc[n + 1, 1], acc[n + 1, 2], acc[n + 1, 3]
-                    )
-                    acc[n + 1, 0] = e[0]
-                    acc[n + 1, 1] = e[1]
-                    acc[n + 1, 2] = e[2]
-                    acc[n + 1, 3] = e[3]
-        # the row sums: each lane held a quarter of every tile's weights
-        l0 += shfl(l0, 1)
-        l0 += shfl(l0, 2)
-        l1 += shfl(l1, 1)
-        l1 += shfl(l1, 2)
-        inv0 = ONE / l0 if l0 > ZERO else ZERO  # a row that sees no key: o = 0, lse = -inf
-        inv1 = ONE / l1 if l1 > ZERO else ZERO
-        for n in range(NO):
-            w0 = n * 4 + t
-            word0 = pack(acc[n, 0] * inv0, acc[n, 1] * inv0)
-            word1 = pack(acc[n, 2] * inv1, acc[n, 3] * inv1)
-            if row0 < n_q:
-                o[bh, row0, w0] = word0
-            if row0 + 8 < n_q:
-                o[bh, row0 + 8, w0] = word1
-        if t == 0:
-            if row0 < n_q:
-                lse[bh, row0] = (m0 * c + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
-            if row0 + 8 < n_q:
-                lse[bh, row0 + 8] = (m1 * c + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
+                    for i in range(MT):
+                        a0 = pack(s[i, 2 * kk, 0], s[i, 2 * kk, 1])
+                        a1 = pack(s[i, 2 * kk, 2], s[i, 2 * kk, 3])
+                        a2 = pack(s[i, 2 * kk + 1, 0], s[i, 2 * kk + 1, 1])
+                        a3 = pack(s[i, 2 * kk + 1, 2], s[i, 2 * kk + 1, 3])
+                        e = mma(
+                            a0, a1, a2, a3, b0, b1, acc[i, n, 0], acc[i, n, 1], acc[i, n, 2], acc[i, n, 3]
+                        )
+                        for h in range(4):
+                            acc[i, n, h] = e[h]
+                        e = mma(
+                            a0, a1, a2, a3, b2, b3,
+                            acc[i, n + 1, 0], acc[i, n + 1, 1], acc[i, n + 1, 2], acc[i, n + 1, 3],
+                        )  # fmt: skip
+                        for h in range(4):
+                            acc[i, n + 1, h] = e[h]
+        for i in range(MT):
+            # the row sums: each lane held a quarter of every tile's weights
+            l0 = l[i, 0]
+            l1 = l[i, 1]
+            l0 += shfl(l0, 1)
+            l0 += shfl(l0, 2)
+            l1 += shfl(l1, 1)
+            l1 += shfl(l1, 2)
+            inv0 = ONE / l0 if l0 > ZERO else ZERO  # a row that sees no key: o = 0, lse = -inf
+            inv1 = ONE / l1 if l1 > ZERO else ZERO
+            ra, rb8 = row0 + 16 * i, row0 + 16 * i + 8
+            for n in range(NO):
+                w0 = n * 4 + t
+                word0 = pack(acc[i, n, 0] * inv0, acc[i, n, 1] * inv0)
+                word1 = pack(acc[i, n, 2] * inv1, acc[i, n, 3] * inv1)
+                if ra < n_q:
+                    o[bh, ra, w0] = word0
+                if rb8 < n_q:
+                    o[bh, rb8, w0] = word1
+            if t == 0:
+                if ra < n_q:
+                    lse[bh, ra] = (m[i, 0] * c + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
+                if rb8 < n_q:
+                    lse[bh, rb8] = (m[i, 1] * c + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
 
     return flash_tc
 
 
 @cache
-def compiled(d: int, causal: bool, dtype: str):
+def compiled(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
     """:func:`kernel_source` compiled by ``numba.cuda.jit`` for the argument types of the first call.
 
     No fast math: it would let the compiler assume no infinities, and ``-inf`` marks masked scores.
     """
-    return cuda.jit(kernel_source(d, causal, dtype))
+    return cuda.jit(kernel_source(d, causal, dtype, m_tiles))
 
 
-def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str) -> None:
+def block_rows(d: int, m_tiles: int | None = None) -> int:
+    """Query rows per block: 16 per m-tile, ``m_tiles`` (default :data:`M_TILES`) per warp."""
+    return 16 * WARPS * (M_TILES[d] if m_tiles is None else m_tiles)
+
+
+def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str, m_tiles: int | None = None) -> None:
     """Run the kernel on 3-d uint32 ``q, k, v (BH, N, d/2)`` into ``o``, ``lse``: device arrays or CUDA
-    tensors on a GPU; NumPy arrays in the simulator (through ``_numba.simulate``, one block at a time)."""
+    tensors on a GPU; NumPy arrays in the simulator (through ``_numba.simulate``, one block at a time);
+    ``m_tiles`` per warp as in :func:`kernel_source`."""
     bh, n_q, w = q.shape
     n_k = k.shape[1]
     if not n_q:
         return
-    grid = (math.ceil(n_q / ROWS), bh)
+    grid = (math.ceil(n_q / block_rows(2 * w, m_tiles)), bh)
     k, v = (x.reshape(x.size) for x in (k, v))  # flat (contiguous): the kernel's copy index
     args = (q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q)
     if device.MODE == "gpu":
-        compiled(2 * w, causal, dtype)[grid, 32 * WARPS](*args)
+        compiled(2 * w, causal, dtype, m_tiles)[grid, 32 * WARPS](*args)
     else:
-        simulate(kernel_source(2 * w, causal, dtype), grid, (32 * WARPS,), args)
+        simulate(kernel_source(2 * w, causal, dtype, m_tiles), grid, (32 * WARPS,), args)
 
 
 def _is_torch_cuda(x) -> bool:
     return hasattr(x, "is_cuda") and bool(getattr(x, "is_cuda", False))
 
 
-def flash_attention_tc(q, k, v, *, causal=False, scale=None, return_lse=False, dtype=None):
+def flash_attention_tc(q, k, v, *, causal=False, scale=None, return_lse=False, dtype=None, m_tiles=None):
     """FlashAttention-2 forward on tensor cores: ``o (..., N_q, d)`` (and ``lse (..., N_q)``).
 
     NumPy arrays (simulator or GPU) are rounded to ``dtype`` (``"bfloat16"`` or ``"float16"``;
     default: float16 arrays stay float16, anything else becomes bfloat16); ``o`` comes back float32
     holding 16-bit values. Torch CUDA tensors must be bfloat16 or float16 (``dtype`` is theirs) and
-    ``o`` is a tensor of that dtype. d in {64, 128}, any N_q, N_k; ``causal`` is bottom-right.
+    ``o`` is a tensor of that dtype. d in {64, 128}, any N_q, N_k; ``causal`` is bottom-right;
+    ``m_tiles``: 16-row m-tiles per warp (default :data:`M_TILES`).
     """
     if _is_torch_cuda(q):
-        return _torch_tc(q, k, v, causal, scale, return_lse)
+        return _torch_tc(q, k, v, causal, scale, return_lse, m_tiles)
     from flashlab.inputs import attention_inputs
 
     q, k, v = (np.asarray(x) for x in (q, k, v))
@@ -291,16 +306,16 @@ def flash_attention_tc(q, k, v, *, causal=False, scale=None, return_lse=False, d
     lse = np.zeros(words[0].shape[:2], np.float32)
     if device.MODE == "gpu":
         dev = [cuda.to_device(x) for x in (*words, o, lse)]
-        launch(*dev, a.scale, causal, dtype)
+        launch(*dev, a.scale, causal, dtype, m_tiles)
         o, lse = dev[3].copy_to_host(), dev[4].copy_to_host()
     else:
-        launch(*words, o, lse, a.scale, causal, dtype)
+        launch(*words, o, lse, a.scale, causal, dtype, m_tiles)
     o = from_bits(o.view(np.uint16), dtype).reshape(lead + (n_q, d))
     lse = lse.reshape(lead + (n_q,))
     return (o, lse) if return_lse else o
 
 
-def _torch_launch(q3, k3, v3, o, lse, scale: float, causal: bool) -> None:
+def _torch_launch(q3, k3, v3, o, lse, scale: float, causal: bool, m_tiles=None) -> None:
     """Launch on contiguous 3-d bf16/fp16 CUDA tensors ``q3, k3, v3, o`` and float32 ``lse``, in place."""
     import torch
 
@@ -308,10 +323,10 @@ def _torch_launch(q3, k3, v3, o, lse, scale: float, causal: bool) -> None:
         return cuda.as_cuda_array(x.view(torch.int32)).view(np.uint32)
 
     dtype = "bfloat16" if q3.dtype == torch.bfloat16 else "float16"
-    launch(words(q3), words(k3), words(v3), words(o), cuda.as_cuda_array(lse), scale, causal, dtype)
+    launch(words(q3), words(k3), words(v3), words(o), cuda.as_cuda_array(lse), scale, causal, dtype, m_tiles)
 
 
-def _torch_tc(q, k, v, causal, scale, return_lse):
+def _torch_tc(q, k, v, causal, scale, return_lse, m_tiles):
     """Torch CUDA tensors (bf16/fp16) in place, viewed as uint32 pairs."""
     import torch
 
@@ -333,6 +348,6 @@ def _torch_tc(q, k, v, causal, scale, return_lse):
         raise ValueError(f"k: leading dims {tuple(k.shape[:-2])} must equal q's {lead}")
     o = torch.empty_like(q3)
     lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q.device)
-    _torch_launch(q3, k3, v3, o, lse, 1 / math.sqrt(d) if scale is None else float(scale), causal)
+    _torch_launch(q3, k3, v3, o, lse, 1 / math.sqrt(d) if scale is None else float(scale), causal, m_tiles)
     o, lse = o.reshape(lead + (n_q, d)), lse.reshape(lead + (n_q,))
     return (o, lse) if return_lse else o
