@@ -10,10 +10,8 @@ batches ``--batch``, head dims ``--d``, cache stored float32 or float16 (``--kv-
   the cache dtype (torch takes one dtype); a backend that refuses a dtype gets a ``note``.
 
 Timing on a GPU: before each call a buffer larger than the L2 cache is zeroed (so the cache is
-read from HBM) and the GPU then spins for about a millisecond (``torch.cuda._sleep``), so that the
-host has queued the whole call before its first kernel starts: CUDA events around the call time
-the GPU's work, not Python's launch overhead (two numba launches cost more host time than one
-torch call). The median of ``--repeat``. With ``--graph`` each call is captured once in a CUDA graph and the
+read from HBM, and the CPU's launch work hides behind that write), CUDA events around the call,
+the median of ``--repeat``. With ``--graph`` each call is captured once in a CUDA graph and the
 replays are timed instead, so that the GPU's work is timed and not Python's launch overhead (two
 numba launches cost more host time than one torch call: at short caches that host time can set
 the time); a call that cannot be captured is timed as launched (column ``timing``).
@@ -49,12 +47,11 @@ BACKENDS = {
 }
 REF_HEADS = 2
 L2_FLUSH_BYTES = 256 * 2**20  # more than the H200's 50 MB L2 cache
-SPIN_CYCLES = 2_000_000  # about 1 ms at the H200's 1.98 GHz: longer than the host needs to queue a call
 
 
 def time_ms(fn, repeat: int, warmup: int, graph: bool = False) -> tuple[float, str]:
     """Median milliseconds of ``fn()`` and how it was timed: on a GPU by CUDA events, each call after
-    an L2 flush and a spin that the host's launch work hides behind, around ``fn()`` (``"launch"``) or, with ``graph``, around replays of a CUDA graph of
+    an L2 flush, around ``fn()`` (``"launch"``) or, with ``graph``, around replays of a CUDA graph of
     ``fn`` (``"graph"``; ``"launch"`` where ``fn`` cannot be captured); else wall clock."""
     import torch
 
@@ -81,7 +78,6 @@ def time_ms(fn, repeat: int, warmup: int, graph: bool = False) -> tuple[float, s
     events = []
     for _ in range(repeat):
         flush.zero_()
-        torch.cuda._sleep(SPIN_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call()

@@ -36,8 +36,9 @@ from flashlab.precision import DTYPES16, from_bits, to_bits
 
 HEAD_DIMS = (64, 128)
 WARPS = 4
-#: 16-row m-tiles per warp, per head dim (a block owns ``16 WARPS M_TILES`` query rows)
-M_TILES = {64: 2, 128: 1}
+#: 16-row m-tiles per warp, per head dim (a block owns ``16 WARPS M_TILES`` query rows); two (each
+#: K/V fragment feeding two mmas, 253 registers at d = 64) is an option, not yet measured on a GPU
+M_TILES = {64: 1, 128: 1}
 #: keys per K/V tile, per head dim: two tiles of K and two of V fit the 48 KiB of static shared memory
 TILE_KEYS = {64: 64, 128: 32}
 PAD = 8  # 16-bit elements of padding per shared row: 16-byte aligned rows, no bank conflicts
