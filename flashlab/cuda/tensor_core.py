@@ -37,7 +37,7 @@ from flashlab.precision import DTYPES16, from_bits, to_bits
 HEAD_DIMS = (64, 128)
 WARPS = 4
 #: 16-row m-tiles per warp, per head dim (a block owns ``16 WARPS M_TILES`` query rows); two (each
-#: K/V fragment feeding two mmas, 253 registers at d = 64) is an option, not yet measured on a GPU
+#: K/V fragment feeding two mmas, 253 registers at d = 64) is an option: the rows in data/ measure one
 M_TILES = {64: 1, 128: 1}
 #: keys per K/V tile, per head dim: two tiles of K and two of V fit the 48 KiB of static shared memory
 TILE_KEYS = {64: 64, 128: 32}
@@ -58,9 +58,10 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
         raise ValueError(f"d: the tensor-core kernel supports head dims {HEAD_DIMS}, got {d}")
     if dtype not in DTYPES16:
         raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
-    MT = M_TILES[d] if m_tiles is None else m_tiles
-    if MT not in (1, 2):
+    if m_tiles not in (None, 1, 2):
         raise ValueError(f"m_tiles: 1 or 2 16-row m-tiles per warp, got {m_tiles}")
+    BLOCK_ROWS = block_rows(d, m_tiles)
+    MT = BLOCK_ROWS // (16 * WARPS)
     mma, pack = ptx.MMA[dtype], ptx.PACK[dtype]
     ldsm, ldsm_t, shfl, ex2 = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor, ptx.ex2
     cp_async, cp_commit, cp_wait = ptx.cp_async16, ptx.cp_async_commit, ptx.cp_async_wait_all
@@ -70,7 +71,6 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
     # k-steps of QK^T, S n-tiles, O n-tiles, PV k-steps
     KS, NS, NO, PK = d // 16, KEYS // 8, d // 8, KEYS // 16
     THREADS = 32 * WARPS
-    BLOCK_ROWS = WARPS * 16 * MT
     COPIES, ROW_STEP = KEYS * CH // THREADS, THREADS // CH  # chunks per thread per tile; rows apart
 
     def flash_tc(q, k, v, o, lse, n_q, n_k, scale, offset):
@@ -93,13 +93,13 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
         m = cuda.local.array((MT, 2), float32)  # per m-tile, the lane's rows g and g + 8
         l = cuda.local.array((MT, 2), float32)  # noqa: E741 (the paper's name)
         for i in range(MT):
+            lo, hi = row0 + 16 * i, row0 + 16 * i + 8  # this lane's two rows of m-tile i
             for kk in range(KS):  # Q's A fragments, kept in registers for the whole block
                 c0 = kk * 8 + t
-                ra, rb8 = row0 + 16 * i, row0 + 16 * i + 8
-                qf[i, kk, 0] = q[bh, ra, c0] if ra < n_q else uint32(0)
-                qf[i, kk, 1] = q[bh, rb8, c0] if rb8 < n_q else uint32(0)
-                qf[i, kk, 2] = q[bh, ra, c0 + 4] if ra < n_q else uint32(0)
-                qf[i, kk, 3] = q[bh, rb8, c0 + 4] if rb8 < n_q else uint32(0)
+                qf[i, kk, 0] = q[bh, lo, c0] if lo < n_q else uint32(0)
+                qf[i, kk, 1] = q[bh, hi, c0] if hi < n_q else uint32(0)
+                qf[i, kk, 2] = q[bh, lo, c0 + 4] if lo < n_q else uint32(0)
+                qf[i, kk, 3] = q[bh, hi, c0 + 4] if hi < n_q else uint32(0)
             for n in range(NO):
                 for e in range(4):
                     acc[i, n, e] = ZERO
@@ -149,7 +149,7 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
                             s[i, n, h] = e[h]
             for i in range(MT):
                 # mask (tail keys, causal), row max over this lane's keys then its 4-lane group
-                ri = row0 + 16 * i
+                lo = row0 + 16 * i
                 masked = j0 + KEYS > n_k or (causal and j0 + KEYS - 1 > r0 + 16 * i + offset)
                 x0 = NEG_INF
                 x1 = NEG_INF
@@ -157,7 +157,7 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
                     if masked:
                         for e in range(4):
                             key = j0 + n * 8 + 2 * t + (e & 1)
-                            if key >= n_k or (causal and key > ri + 8 * (e >> 1) + offset):
+                            if key >= n_k or (causal and key > lo + 8 * (e >> 1) + offset):
                                 s[i, n, e] = NEG_INF
                     x0 = max(x0, max(s[i, n, 0], s[i, n, 1]))
                     x1 = max(x1, max(s[i, n, 2], s[i, n, 3]))
@@ -223,20 +223,20 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
             l1 += shfl(l1, 2)
             inv0 = ONE / l0 if l0 > ZERO else ZERO  # a row that sees no key: o = 0, lse = -inf
             inv1 = ONE / l1 if l1 > ZERO else ZERO
-            ra, rb8 = row0 + 16 * i, row0 + 16 * i + 8
+            lo, hi = row0 + 16 * i, row0 + 16 * i + 8
             for n in range(NO):
                 w0 = n * 4 + t
                 word0 = pack(acc[i, n, 0] * inv0, acc[i, n, 1] * inv0)
                 word1 = pack(acc[i, n, 2] * inv1, acc[i, n, 3] * inv1)
-                if ra < n_q:
-                    o[bh, ra, w0] = word0
-                if rb8 < n_q:
-                    o[bh, rb8, w0] = word1
+                if lo < n_q:
+                    o[bh, lo, w0] = word0
+                if hi < n_q:
+                    o[bh, hi, w0] = word1
             if t == 0:
-                if ra < n_q:
-                    lse[bh, ra] = (m[i, 0] * c + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
-                if rb8 < n_q:
-                    lse[bh, rb8] = (m[i, 1] * c + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
+                if lo < n_q:
+                    lse[bh, lo] = (m[i, 0] * c + math.log2(l0)) * LN2 if l0 > ZERO else NEG_INF
+                if hi < n_q:
+                    lse[bh, hi] = (m[i, 1] * c + math.log2(l1)) * LN2 if l1 > ZERO else NEG_INF
 
     return flash_tc
 
