@@ -57,7 +57,7 @@ def test_several_query_blocks_causal_in_reverse_order(m_tiles):
     """A query block and a ragged second (causal blocks run last-first), N_q < N_k, both m-tiles of
     a warp on rows that see different numbers of keys."""
     rng = np.random.default_rng(m_tiles)
-    n_q = block_rows(64, m_tiles) + 3
+    n_q = block_rows(64, True, m_tiles) + 3
     q = rng.standard_normal((n_q, 64))
     k, v = rng.standard_normal((n_q + 7, 64)), rng.standard_normal((n_q + 7, 64))
     check_against_float64(q, k, v, True, "bfloat16", m_tiles)

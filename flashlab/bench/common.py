@@ -32,6 +32,20 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1
     return statistics.median(times)
 
 
+#: cycles the GPU spins before each timed call: about a millisecond at an H100's or H200's clock,
+#: longer than the host needs to queue a call (several numba launches cost far more host time than
+#: one torch call; without the spin that host time would be timed as the kernel's)
+SPIN_CYCLES = 2_000_000
+
+
+def gpu_spin() -> None:
+    """Keep the GPU busy (``torch.cuda._sleep``) while the host queues the next call: CUDA events
+    recorded after it then time the GPU's work, not Python's launch overhead."""
+    import torch
+
+    torch.cuda._sleep(SPIN_CYCLES)
+
+
 def attention_tflops(n_q: int, n_k: int, d: int, heads: int, seconds: float, causal: bool = False) -> float:
     """Throughput by the FlashAttention-2 convention: 4 N_q N_k d FLOPs per head, halved if causal."""
     flops = 4.0 * n_q * n_k * d * heads * (0.5 if causal else 1.0)

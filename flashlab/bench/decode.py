@@ -10,11 +10,12 @@ batches ``--batch``, head dims ``--d``, cache stored float32 or float16 (``--kv-
   the cache dtype (torch takes one dtype); a backend that refuses a dtype gets a ``note``.
 
 Timing on a GPU: before each call a buffer larger than the L2 cache is zeroed (so the cache is
-read from HBM, and the CPU's launch work hides behind that write), CUDA events around the call,
-the median of ``--repeat``. With ``--graph`` each call is captured once in a CUDA graph and the
-replays are timed instead, so that the GPU's work is timed and not Python's launch overhead (two
-numba launches cost more host time than one torch call: at short caches that host time can set
-the time); a call that cannot be captured is timed as launched (column ``timing``).
+read from HBM) and the GPU then spins about a millisecond (:func:`flashlab.bench.common.gpu_spin`),
+so that the host has queued the whole call before its first kernel starts: CUDA events around the
+call time the GPU's work, not Python's launch overhead (two numba launches cost more host time
+than one torch call). The median of ``--repeat``. With ``--graph`` each call is captured once in a
+CUDA graph and the replays are timed instead; a call that cannot be captured is timed as launched
+(column ``timing``).
 ``kv_bytes`` = bytes of K and V; ``bound_ms`` = kv_bytes / HBM bandwidth (data/hardware.json);
 ``hbm_fraction`` = bound_ms / ms. ``max_abs_err`` is against float64 attention of the first two
 heads of the first sequence, ``err_bound`` the derived bound
@@ -35,7 +36,7 @@ import time
 import numpy as np
 
 from flashlab import device
-from flashlab.bench.common import provenance, write_results
+from flashlab.bench.common import SPIN_CYCLES, gpu_spin, provenance, write_results
 from flashlab.hardware import spec
 
 IMPLS = ("flashlab_decode", "sdpa_math", "sdpa_mem_efficient", "sdpa_flash", "sdpa_cudnn")
@@ -51,7 +52,8 @@ L2_FLUSH_BYTES = 256 * 2**20  # more than the H200's 50 MB L2 cache
 
 def time_ms(fn, repeat: int, warmup: int, graph: bool = False) -> tuple[float, str]:
     """Median milliseconds of ``fn()`` and how it was timed: on a GPU by CUDA events, each call after
-    an L2 flush, around ``fn()`` (``"launch"``) or, with ``graph``, around replays of a CUDA graph of
+    an L2 flush and a spin (the host's launch work hidden), around ``fn()`` (``"launch"``) or, with
+    ``graph``, around replays of a CUDA graph of
     ``fn`` (``"graph"``; ``"launch"`` where ``fn`` cannot be captured); else wall clock."""
     import torch
 
@@ -78,6 +80,7 @@ def time_ms(fn, repeat: int, warmup: int, graph: bool = False) -> tuple[float, s
     events = []
     for _ in range(repeat):
         flush.zero_()
+        gpu_spin()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call()
@@ -248,7 +251,8 @@ def main(argv: list[str]) -> int:
         "torch": torch.__version__,
         "heads": args.heads,
         "bandwidth_bytes_per_s": bandwidth,
-        "timing": f"L2 flushed ({L2_FLUSH_BYTES} B zeroed) before each call; median of {args.repeat} "
+        "timing": f"L2 flushed ({L2_FLUSH_BYTES} B zeroed), then a GPU spin of {SPIN_CYCLES} cycles, "
+        f"before each call; median of {args.repeat} "
         + (
             "wall-clock timings (CPU, not a measurement)"
             if device.MODE != "gpu"

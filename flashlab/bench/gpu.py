@@ -9,7 +9,8 @@ Forward rows (``direction="fwd"``), float32 unless the impl says bf16, batch 1:
 
 For each ``N`` the number of heads is ``max(8, 131072 // N)`` (128 x 1024 ... 8 x 16384), so every
 run has the same number of query rows and fills the GPU. Each row: warm-up calls, then CUDA events
-around each of ``--repeat`` (>= 10) calls, the median; TFLOP/s by ``4 N^2 d`` per head, halved for
+around each of ``--repeat`` (>= 10) calls, each after a GPU spin that hides the host's launch work
+(:func:`flashlab.bench.common.gpu_spin`), the median; TFLOP/s by ``4 N^2 d`` per head, halved for
 causal (:func:`flashlab.bench.common.attention_tflops`); ``peak_mem_bytes`` = torch's
 ``max_memory_allocated`` during one call, inputs included; ``max_abs_err`` = the largest difference
 from a float64 reference computed on the GPU for the first two heads. Causal rows have N_q = N_k
@@ -29,7 +30,7 @@ import sys
 import time
 
 from flashlab import device
-from flashlab.bench.common import attention_tflops, provenance, write_results
+from flashlab.bench.common import SPIN_CYCLES, attention_tflops, gpu_spin, provenance, write_results
 
 FLASHLAB = ("flashlab_rowwise", "flashlab_tiled", "flashlab_register_tiled")
 TORCH = (
@@ -66,13 +67,15 @@ def heads_for(n: int) -> int:
 
 
 def median_ms(fn, repeat: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` on the GPU: ``warmup`` untimed calls, then CUDA events per call."""
+    """Median milliseconds of ``fn()`` on the GPU: ``warmup`` untimed calls, then CUDA events per call,
+    each recorded after :func:`~flashlab.bench.common.gpu_spin` (the GPU's time, not the host's)."""
     import torch
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        gpu_spin()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -300,7 +303,8 @@ def _meta(args, t0: float, partial: bool) -> dict:
         "nvidia driver": _driver_version(),
         "cuda (torch build)": torch.version.cuda,
         "heads rule": f"heads = max(8, {ROWS_PER_RUN} // N), batch 1",
-        "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events",
+        "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events, "
+        f"each after a GPU spin of {SPIN_CYCLES} cycles",
         "error": f"max |o - o_ref| over the first {REF_HEADS} heads, reference in float64 on the GPU",
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "complete": not partial,

@@ -225,7 +225,8 @@ def main(argv: list[str]) -> int:
             del ref
     meta = provenance() | {
         "gpu": torch.cuda.get_device_name(),
-        "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events; "
+        "timing": f"{args.warmup} warm-up calls, median of {args.repeat} calls timed by CUDA events, "
+        "each after a GPU spin; "
         "two passes (run 1, run 2 in reverse order)",
         "error": f"max |o - o_ref| over the first {gpu.REF_HEADS} heads, reference in float64 on the GPU",
         "elapsed_s": round(time.perf_counter() - t0, 1),

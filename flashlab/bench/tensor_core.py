@@ -20,7 +20,7 @@ import traceback
 
 import numpy as np
 
-from flashlab.bench.common import attention_tflops, provenance, write_results
+from flashlab.bench.common import SPIN_CYCLES, attention_tflops, provenance, write_results
 
 NAME = "gpu_h200_tensor_cores"
 IMPLS = (
@@ -240,7 +240,11 @@ def main(argv: list[str]) -> int:
                     print(
                         {key: (f"{val:.4g}" if isinstance(val, float) else val) for key, val in row.items()}
                     )
+    from flashlab.cuda.tensor_core import M_TILES
+
     meta = provenance() | {
+        "timing": f"median of CUDA-event timings, each call after a GPU spin of {SPIN_CYCLES} cycles",
+        "m_tiles per warp (d, causal)": {f"{d},{c}": m for (d, c), m in M_TILES.items()},
         "elapsed_s": round(time.perf_counter() - t0, 1),
     }
     path = write_results(NAME, rows, meta, args.out)

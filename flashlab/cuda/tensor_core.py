@@ -36,9 +36,10 @@ from flashlab.precision import DTYPES16, from_bits, to_bits
 
 HEAD_DIMS = (64, 128)
 WARPS = 4
-#: 16-row m-tiles per warp, per head dim (a block owns ``16 WARPS M_TILES`` query rows); two (each
-#: K/V fragment feeding two mmas, 253 registers at d = 64) is an option: the rows in data/ measure one
-M_TILES = {64: 1, 128: 1}
+#: 16-row m-tiles per warp, per (head dim, causal) (a block owns ``16 WARPS M_TILES`` query rows).
+#: Two (each K/V fragment feeding two mmas, 253 registers at d = 64) won only at d = 64 non-causal
+#: when timed on a GPU; elsewhere the extra registers cost more than the fragments saved.
+M_TILES = {(64, False): 2, (64, True): 1, (128, False): 1, (128, True): 1}
 #: keys per K/V tile, per head dim: two tiles of K and two of V fit the 48 KiB of static shared memory
 TILE_KEYS = {64: 64, 128: 32}
 PAD = 8  # 16-bit elements of padding per shared row: 16-byte aligned rows, no bank conflicts
@@ -60,7 +61,7 @@ def kernel_source(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
         raise ValueError(f"dtype: got {dtype!r}; use one of {DTYPES16}")
     if m_tiles not in (None, 1, 2):
         raise ValueError(f"m_tiles: 1 or 2 16-row m-tiles per warp, got {m_tiles}")
-    BLOCK_ROWS = block_rows(d, m_tiles)
+    BLOCK_ROWS = block_rows(d, causal, m_tiles)
     MT = BLOCK_ROWS // (16 * WARPS)
     mma, pack = ptx.MMA[dtype], ptx.PACK[dtype]
     ldsm, ldsm_t, shfl, ex2 = ptx.ldmatrix_x4, ptx.ldmatrix_x4_trans, ptx.shfl_xor, ptx.ex2
@@ -250,9 +251,9 @@ def compiled(d: int, causal: bool, dtype: str, m_tiles: int | None = None):
     return cuda.jit(kernel_source(d, causal, dtype, m_tiles))
 
 
-def block_rows(d: int, m_tiles: int | None = None) -> int:
+def block_rows(d: int, causal: bool, m_tiles: int | None = None) -> int:
     """Query rows per block: 16 per m-tile, ``m_tiles`` (default :data:`M_TILES`) per warp."""
-    return 16 * WARPS * (M_TILES[d] if m_tiles is None else m_tiles)
+    return 16 * WARPS * (M_TILES[d, causal] if m_tiles is None else m_tiles)
 
 
 def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str, m_tiles: int | None = None) -> None:
@@ -263,7 +264,7 @@ def launch(q, k, v, o, lse, scale: float, causal: bool, dtype: str, m_tiles: int
     n_k = k.shape[1]
     if not n_q:
         return
-    grid = (math.ceil(n_q / block_rows(2 * w, m_tiles)), bh)
+    grid = (math.ceil(n_q / block_rows(2 * w, causal, m_tiles)), bh)
     k, v = (x.reshape(x.size) for x in (k, v))  # flat (contiguous): the kernel's copy index
     args = (q, k, v, o, lse, n_q, n_k, np.float32(scale), n_k - n_q)
     if device.MODE == "gpu":
